@@ -1,0 +1,242 @@
+"""The evaluation report as the paper prints it (Tables 2, 5, 6, 9, 10), and `render_report`, the
+text of a whole run (`regdpo report --run NAME`).
+
+Per dimension each method shows its value, ↑/↓/– against Base and its rank points in brackets:
+"given n experimental groups, the top-ranked method receives n points, and the lowest-ranked
+method receives 1 point"; Total_Score is the sum over the six dimensions (paper Table 2
+caption). Ties, worked out from the paper's numbers: tied methods share the points of their
+best place and the next method below still counts everyone above it — Table 6, Dyn.Deg.:
+0.68200, 0.68200, 0.67200, 0.59400 get [4], [4], [2], [1]; Table 10, Mot.Smooth.: two methods
+at 0.98540 both get [6] and the next gets [4]. So points = n − (methods strictly better).
+Values are compared at the printed precision (5 decimals), as in the paper, so a table never
+shows two equal numbers with different points or marks.
+
+Beside it, VBench's own normalized quality score (VBench scripts/constant.py: each dimension
+mapped to [0, 1] by NORMALIZE, weighted by DIM_WEIGHT, weighted mean) over the quality
+dimensions that were evaluated. Proxy metrics get the same table under a heading that says
+they are proxies, and never a VBench quality score.
+"""
+
+from __future__ import annotations
+
+import math
+import tempfile
+from pathlib import Path
+from typing import Iterable
+
+from infra.stage import stage_dir
+from infra.store import Store
+
+# The paper's six VBench dimensions, in its column order, with its column headings.
+DIMENSIONS: tuple[str, ...] = (
+    "subject_consistency", "background_consistency", "motion_smoothness", "dynamic_degree",
+    "aesthetic_quality", "imaging_quality",
+)
+HEADINGS: dict[str, str] = {
+    "subject_consistency": "Subj.Cons.", "background_consistency": "Bkgd.Cons.",
+    "motion_smoothness": "Mot.Smooth.", "dynamic_degree": "Dyn.Deg.",
+    "aesthetic_quality": "Aesth.Qual.", "imaging_quality": "Img.Qual.",
+    "temporal_flickering": "Temp.Flick.",
+}
+
+# VBench scripts/constant.py: NORMALIZE_DIC (min, max) and DIM_WEIGHT of the quality dimensions.
+VBENCH_NORMALIZE: dict[str, tuple[float, float]] = {
+    "subject_consistency": (0.1462, 1.0), "background_consistency": (0.2615, 1.0),
+    "temporal_flickering": (0.6293, 1.0), "motion_smoothness": (0.706, 0.9975),
+    "dynamic_degree": (0.0, 1.0), "aesthetic_quality": (0.0, 1.0), "imaging_quality": (0.0, 1.0),
+}
+VBENCH_WEIGHT: dict[str, float] = {d: 1.0 for d in VBENCH_NORMALIZE} | {"dynamic_degree": 0.5}
+
+BASE = "base"
+UP, DOWN, SAME = "↑", "↓", "–"
+
+
+def rank_points(values: dict[str, float], decimals: int = 5) -> dict[str, int]:
+    """Rank points per method: n to the best, 1 to the worst, ties as in the paper's tables
+    (points = n − number of methods strictly better at the printed precision)."""
+    shown = {m: round(v, decimals) for m, v in values.items()}
+    n = len(shown)
+    return {m: n - sum(other > v for other in shown.values()) for m, v in shown.items()}
+
+
+def change_mark(value: float, base: float, decimals: int = 5) -> str:
+    """↑ improvement, ↓ degradation, – no change against Base (higher is better everywhere)."""
+    v, b = round(value, decimals), round(base, decimals)
+    return UP if v > b else DOWN if v < b else SAME
+
+
+def vbench_quality_score(values: dict[str, float]) -> float | None:
+    """VBench's normalized quality score over the quality dimensions present in `values`."""
+    dims = [d for d in values if d in VBENCH_NORMALIZE and _finite(values[d])]
+    if not dims:
+        return None
+    total = sum(VBENCH_WEIGHT[d] * _normalized(d, values[d]) for d in dims)
+    return total / sum(VBENCH_WEIGHT[d] for d in dims)
+
+
+def _normalized(dim: str, value: float) -> float:
+    lo, hi = VBENCH_NORMALIZE[dim]
+    return (value - lo) / (hi - lo)
+
+
+def _finite(v) -> bool:
+    return isinstance(v, (int, float)) and math.isfinite(v)
+
+
+def build_table(means: dict[str, dict[str, float]], evaluator: str, dimensions: Iterable[str],
+                base: str = BASE, decimals: int = 5, videos: dict[str, int] | None = None) -> dict:
+    """One evaluation table: per method its values, marks, points, Total_Score (and, for
+    VBench, the normalized quality score). `means` maps method -> dimension -> value; a method
+    without a value for a dimension is ranked out of that dimension (n counts those with one)."""
+    dimensions = list(dimensions)
+    methods = list(means)
+    if base not in means:
+        raise ValueError(f"the report needs the base model's results ({base!r}); got {methods}")
+    points: dict[str, dict[str, int]] = {m: {} for m in methods}
+    for d in dimensions:
+        present = {m: means[m][d] for m in methods if _finite(means[m].get(d))}
+        for m, p in rank_points(present, decimals).items():
+            points[m][d] = p
+    rows = []
+    for m in methods:
+        values = {d: means[m].get(d) for d in dimensions}
+        marks = {d: change_mark(values[d], means[base][d], decimals)
+                 for d in dimensions if _finite(values[d]) and _finite(means[base].get(d))}
+        row = {"method": m, "values": values, "marks": marks, "points": points[m],
+               "total_score": sum(points[m].values()), "videos": (videos or {}).get(m)}
+        if evaluator == "vbench":
+            row["vbench_quality_score"] = vbench_quality_score(means[m])
+        rows.append(row)
+    return {"evaluator": evaluator, "dimensions": dimensions, "base": base, "decimals": decimals,
+            "rows": rows}
+
+
+def _title(table: dict) -> str:
+    if table["evaluator"] == "vbench":
+        return "VBench (custom_input; the paper's metric)"
+    return "PROXY metrics (weight-free CPU stand-ins, NOT VBench; for CI and quick looks)"
+
+
+def _heading(table: dict, dim: str) -> str:
+    name = HEADINGS.get(dim, dim)
+    return f"{name} (proxy)" if table["evaluator"] == "proxy" else name
+
+
+def markdown_table(table: dict) -> str:
+    """The table in the paper's layout: `value mark [points]`, best in bold, second in italics."""
+    dims, dec = table["dimensions"], table["decimals"]
+    head = ["Method"] + [_heading(table, d) for d in dims] + ["Total_Score"]
+    if table["evaluator"] == "vbench":
+        head.append("VBench quality score (normalized)")
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    best = {d: sorted({r["points"].get(d, 0) for r in table["rows"]}, reverse=True)
+            for d in dims + ["total_score"]}
+    for r in table["rows"]:
+        cells = [r["method"]]
+        for d in dims:
+            v = r["values"][d]
+            if not _finite(v):
+                cells.append("n/a")
+                continue
+            text = f"{v:.{dec}f} {r['marks'].get(d, '')} [{r['points'][d]}]"
+            cells.append(_emphasis(text, r["points"][d], best[d]))
+        total = r["total_score"]
+        totals = sorted({x["total_score"] for x in table["rows"]}, reverse=True)
+        cells.append(_emphasis(str(total), total, totals))
+        if table["evaluator"] == "vbench":
+            q = r.get("vbench_quality_score")
+            cells.append(f"{q:.{dec}f}" if _finite(q) else "n/a")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _emphasis(text: str, score: float, ranked: list) -> str:
+    if len(ranked) > 1 and score == ranked[0]:
+        return f"**{text}**"
+    if len(ranked) > 2 and score == ranked[1]:
+        return f"_{text}_"
+    return text
+
+
+def markdown(report: dict) -> str:
+    """The evaluate stage's report.json as markdown (one table per evaluator)."""
+    parts = [f"## Evaluation of run `{report.get('run', '?')}`",
+             f"{report.get('videos', 0)} videos: {len(report.get('prompts', []))} test prompts × "
+             f"{len(report.get('models', []))} models × seeds {report.get('seeds', [])}. "
+             f"Marks are against `{BASE}`; [n] are rank points (n to the best, 1 to the worst, "
+             "ties share the higher points); Total_Score sums them; bold = best, italics = second."]
+    for table in report.get("tables", []):
+        parts += [f"### {_title(table)}", markdown_table(table)]
+    if report.get("chart"):
+        parts.append(f"Bar chart: {report['chart']}")
+    return "\n\n".join(parts) + "\n"
+
+
+def bar_chart(report: dict, path: str | Path) -> Path:
+    """Grouped bars per dimension (one bar per method) and the Total_Score, per evaluator."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tables = report["tables"]
+    fig, axes = plt.subplots(len(tables), 2, figsize=(13, 3.8 * len(tables)), squeeze=False,
+                             gridspec_kw={"width_ratios": [4, 1]})
+    for (ax, ax_total), table in zip(axes, tables):
+        dims, rows = table["dimensions"], table["rows"]
+        width = 0.8 / max(len(rows), 1)
+        for i, r in enumerate(rows):
+            xs = [j + i * width for j in range(len(dims))]
+            ys = [r["values"][d] if _finite(r["values"][d]) else 0.0 for d in dims]
+            ax.bar(xs, ys, width, label=r["method"])
+        ax.set_xticks([j + width * (len(rows) - 1) / 2 for j in range(len(dims))])
+        ax.set_xticklabels([_heading(table, d) for d in dims], fontsize=8)
+        ax.set_title(_title(table), fontsize=9)
+        ax.legend(fontsize=7)
+        ax_total.bar([r["method"] for r in rows], [r["total_score"] for r in rows],
+                     color=[f"C{i}" for i in range(len(rows))])
+        ax_total.set_title("Total_Score" + (" (proxy)" if table["evaluator"] == "proxy" else ""),
+                           fontsize=9)
+        ax_total.tick_params(axis="x", labelsize=7, rotation=30)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def publish_chart(store: Store, report: dict, key: str) -> str:
+    """Draw the chart and put it in the store; returns its URI."""
+    with tempfile.TemporaryDirectory(prefix="regdpo-chart-") as tmp:
+        return store.put_file(bar_chart(report, Path(tmp) / "chart.png"), key)
+
+
+# ---------------------------------------------------------------------------------------
+# The whole run as text (`regdpo report --run NAME`)
+# ---------------------------------------------------------------------------------------
+
+STAGE_ORDER = ("acquire", "filter", "normalize", "negatives", "pairs", "precompute", "train",
+               "evaluate")
+
+
+def render_report(store: Store, run: str) -> str:
+    """Markdown of every committed stage of `run` (counts, manifest) and the evaluation tables."""
+    index = store.read_run(run)
+    if not index:
+        raise LookupError(f"run {run!r} has no runs/{run}/run.json in {store.url}: run "
+                          f"`regdpo run CONFIG --run {run}` first (or pass the right --store)")
+    stages = index.get("stages", {})
+    lines = [f"# Run `{run}`", f"store: {store.url} · updated {index.get('updated_at', '?')}", "",
+             "| stage | ok | rejected | failed | manifest |", "|---|---|---|---|---|"]
+    for name in sorted(stages, key=lambda s: (STAGE_ORDER.index(s) if s in STAGE_ORDER else 99, s)):
+        counts = stages[name].get("counts") or {}
+        lines.append(f"| {name} | {counts.get('ok', 0)} | {counts.get('rejected', 0)} | "
+                     f"{counts.get('failed', 0)} | {stages[name].get('manifest', '')} |")
+    text = "\n".join(lines) + "\n"
+    if "evaluate" in stages:
+        report_key = f"{stage_dir('evaluate', stages['evaluate']['key'])}/report.json"
+        try:
+            text += "\n" + markdown(store.read_json(report_key))
+        except FileNotFoundError:
+            text += f"\n(evaluate committed without {report_key})\n"
+    return text
