@@ -1,4 +1,4 @@
-"""The `regdpo` command: run a config, make toy data, print a run's report."""
+"""The `regdpo` command: run a config, make toy data, print a run's report, serve the GSB page."""
 
 from __future__ import annotations
 
@@ -75,6 +75,56 @@ def report(
                    f"{success['reused']}, {success['seconds']} s\n  manifest {success['manifest']}")
         for row in success["by_reason"]:
             typer.echo(f"  {row['status']:9s} {row['count']:5d}  {row['reason']}")
+
+
+gsb_app = typer.Typer(no_args_is_help=True, help="GSB human rating of a run's evaluate videos (paper §4.1).")
+app.add_typer(gsb_app, name="gsb")
+
+
+def _pairs(pair: list[str]) -> list[str] | None:
+    return [p for p in pair if p.strip()] or None
+
+
+@gsb_app.command("serve")
+def gsb_serve(
+    run_name: str = typer.Option(..., "--run", help="run name (its committed evaluate manifest is rated)"),
+    host: str = typer.Option("127.0.0.1", help="interface to bind; anything but loopback exposes the page"),
+    port: int = typer.Option(8765, help="TCP port"),
+    store: str = typer.Option(os.environ.get("REGDPO_STORE", "file://./artifacts"), help="artifact store URL"),
+    pair: list[str] = typer.Option([], "--pair", help="CANDIDATE,BASELINE to compare (repeatable; "
+                                   "default: every model vs base)"),
+) -> None:
+    """Serve the A/B rating page and the tallies for a run."""
+    from tasks.gsb.ratings import GSBError
+    from tasks.gsb.web import build_app, serve
+
+    try:
+        app = build_app(store, run_name, _pairs(pair), host)
+    except GSBError as e:
+        _fail(f"gsb: {e}")
+    typer.echo(f"GSB rating page for run {run_name}: http://{host}:{port}/  (tallies: /tallies)")
+    serve(app, host, port)
+
+
+@gsb_app.command("tally")
+def gsb_tally(
+    run_name: str = typer.Option(..., "--run", help="run name"),
+    store: str = typer.Option(os.environ.get("REGDPO_STORE", "file://./artifacts"), help="artifact store URL"),
+    pair: list[str] = typer.Option([], "--pair", help="CANDIDATE,BASELINE (repeatable; default: every model vs base)"),
+) -> None:
+    """Print the GSB table (Good/Same/Bad and Score per comparison) from the stored ratings."""
+    from infra.store import Store
+    from tasks.gsb.ratings import ASPECTS, GSBError, format_score
+    from tasks.gsb.web import GSBSite
+
+    try:
+        site = GSBSite.load(Store(store), run_name, _pairs(pair))
+    except GSBError as e:
+        _fail(f"gsb: {e}")
+    typer.echo(f"{'Comparison (A vs B)':28s} {'ratings':>8s}  {'VQ':>13s} {'VQ Score':>8s}  {'PF':>13s} {'PF Score':>8s}")
+    for row in site.tally():
+        cells = [(f"{row[a]['good']}/{row[a]['same']}/{row[a]['bad']}", format_score(row[a]["score"])) for a in ASPECTS]
+        typer.echo(f"{row['comparison']:28s} {row['ratings']:8d}  " + "  ".join(f"{g:>13s} {s:>8s}" for g, s in cells))
 
 
 def main() -> None:

@@ -1,0 +1,252 @@
+"""GSB ratings: rating tasks from the evaluate manifest, stored ratings, tallies and the Score.
+
+GSB (paper 001 §4.1 and A.6) compares model A with model B on the same prompt with three
+labels: Good (A is better), Same (equivalent), Bad (A is worse), on two aspects: Video Quality
+(overall visual appeal and smoothness) and Prompt Following (consistency between the video and
+its input: the prompt, and the reference frame for I2V). Tables 1, 3, 4 and 8 report
+Good/Same/Bad counts and Score = (Good + Same) / (Same + Bad); Score > 1 means A is better.
+
+Here A is the *candidate* (a trained adapter) and B the *baseline* ("base" by default). Raters
+never see which side is which: each page shows the two videos on randomized sides, the rater
+judges the left video against the right one, and `candidate_label` maps that answer back
+onto candidate-vs-baseline before it is counted.
+
+Ratings are append-only objects `runs/<run>/gsb/ratings/<time>-<uuid>.json` in the artifact
+store: one atomic write per rating, never overwritten or deleted by the rating page.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import threading
+import time
+import uuid
+from collections import Counter
+from dataclasses import dataclass
+
+from infra.stage import input_manifest
+from infra.store import Store, digest, join_key
+
+SCHEMA = "regdpo.gsb.rating.v1"
+LABELS = ("good", "same", "bad")
+ASPECTS = {
+    "video_quality": "Video Quality",
+    "prompt_following": "Prompt Following",
+}
+BASELINE = "base"
+_RATER = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}$")
+
+
+class GSBError(LookupError):
+    """The run's evaluate manifest cannot produce the requested comparisons."""
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """Candidate A vs baseline B, as a row of the paper's GSB tables."""
+
+    candidate: str
+    baseline: str
+
+    @property
+    def name(self) -> str:
+        return f"{self.candidate} vs {self.baseline}"
+
+
+@dataclass(frozen=True)
+class RatingTask:
+    """One A/B judgement: the candidate's and the baseline's video for one prompt and seed."""
+
+    id: str
+    comparison: Comparison
+    prompt_id: str
+    seed: int | None
+    prompt: str
+    candidate: dict  # the candidate's evaluate row
+    baseline: dict  # the baseline's evaluate row
+
+
+# -- the Score -------------------------------------------------------------------------------
+
+
+def gsb_score(good: int, same: int, bad: int) -> float | None:
+    """Score = (Good + Same) / (Same + Bad) (paper §4.1).
+
+    Same + Bad = 0 leaves the paper's ratio undefined: with at least one Good the candidate
+    won every judgement and the Score is +inf; with no ratings at all there is no Score (None).
+    """
+    if same + bad == 0:
+        return math.inf if good > 0 else None
+    return (good + same) / (same + bad)
+
+
+def format_score(score: float | None) -> str:
+    """Two decimals as in Tables 1, 3, 4, 8; '∞' for an unbeaten candidate, '–' for no ratings."""
+    if score is None:
+        return "–"
+    return "∞" if math.isinf(score) else f"{score:.2f}"
+
+
+def candidate_label(shown: str, candidate_left: bool) -> str:
+    """Un-swap a rater's answer about the LEFT video into the candidate's Good/Same/Bad."""
+    if shown not in LABELS:
+        raise ValueError(f"GSB answer {shown!r} is not one of {', '.join(LABELS)}")
+    if candidate_left or shown == "same":
+        return shown
+    return "bad" if shown == "good" else "good"
+
+
+def check_rater(rater: str) -> str:
+    if not isinstance(rater, str) or not _RATER.match(rater):
+        raise ValueError(
+            f"rater id {rater!r} is not usable: 1-64 letters, digits or . _ @ - (starting with a "
+            "letter or digit), e.g. 'alice' or 'rater-07'"
+        )
+    return rater
+
+
+# -- rating tasks from the evaluate manifest -------------------------------------------------
+
+
+def evaluate_rows(store: Store, run: str) -> list[dict]:
+    """The ok rows (one per generated video) of the run's committed evaluate manifest."""
+    try:
+        rows, _ = input_manifest(store, run, "evaluate")
+    except LookupError as e:
+        raise GSBError(str(e)) from None
+    return sorted((r for r in rows if r.get("status") == "ok"), key=lambda r: str(r["id"]))
+
+
+def comparisons(rows: list[dict], pairs: list[str] | None = None) -> list[Comparison]:
+    """`pairs` as 'A,B' strings; default: every model other than the baseline vs the baseline."""
+    models = sorted({str(r["model"]) for r in rows})
+    if pairs:
+        comps = [_parse_pair(p) for p in pairs]
+    elif BASELINE in models:
+        comps = [Comparison(m, BASELINE) for m in models if m != BASELINE]
+    else:
+        raise GSBError(f"no {BASELINE!r} videos in the evaluate manifest (models: {models}); "
+                       "choose the comparison with --pair CANDIDATE,BASELINE")
+    for c in comps:
+        missing = [m for m in (c.candidate, c.baseline) if m not in models]
+        if missing:
+            raise GSBError(f"comparison {c.name!r}: no ok videos for {missing} in the evaluate "
+                           f"manifest; models there: {models}")
+    if not comps:
+        raise GSBError(f"nothing to compare: the evaluate manifest only has {models}")
+    return comps
+
+
+def _parse_pair(pair: str) -> Comparison:
+    parts = [p.strip() for p in pair.split(",")]
+    if len(parts) != 2 or not all(parts) or parts[0] == parts[1]:
+        raise GSBError(f"--pair {pair!r} must be two different model labels CANDIDATE,BASELINE, "
+                       "e.g. reg-dpo,base")
+    return Comparison(parts[0], parts[1])
+
+
+def rating_tasks(rows: list[dict], comps: list[Comparison]) -> list[RatingTask]:
+    """A task per comparison and (prompt_id, seed) that both models rendered.
+
+    Evaluate renders every model with the same seeds, so (prompt_id, seed) pairs the videos
+    that differ only by the model. The task id digests both row ids: a re-rendered video is a
+    new task, and ratings of videos no longer in the manifest stop counting."""
+    by_model: dict[str, dict[tuple, dict]] = {}
+    for r in rows:
+        by_model.setdefault(str(r["model"]), {}).setdefault((str(r["prompt_id"]), r.get("seed")), r)
+    tasks = []
+    for c in comps:
+        cand, base = by_model[c.candidate], by_model[c.baseline]
+        for key in sorted(cand.keys() & base.keys(), key=str):
+            a, b = cand[key], base[key]
+            tasks.append(RatingTask(digest([a["id"], b["id"]], 16), c, key[0], key[1],
+                                    str(a.get("prompt") or ""), a, b))
+        if not cand.keys() & base.keys():
+            raise GSBError(f"comparison {c.name!r}: no prompt_id/seed rendered by both models")
+    return tasks
+
+
+# -- stored ratings ---------------------------------------------------------------------------
+
+
+def ratings_prefix(run: str) -> str:
+    return join_key("runs", run, "gsb", "ratings")
+
+
+def new_rating(run: str, task: RatingTask, rater: str, candidate_left: bool,
+               shown: dict[str, str]) -> dict:
+    """The stored record: what the rater saw (sides, answers about the left video) and the
+    un-swapped candidate-vs-baseline labels that the tallies count."""
+    left, right = (task.candidate, task.baseline) if candidate_left else (task.baseline, task.candidate)
+    return {
+        "schema": SCHEMA, "id": f"{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{uuid.uuid4().hex}",
+        "run": run, "task": task.id, "rater": check_rater(rater),
+        "candidate": task.comparison.candidate, "baseline": task.comparison.baseline,
+        "prompt_id": task.prompt_id, "seed": task.seed,
+        "left": {"model": left["model"], "video": left["id"]},
+        "right": {"model": right["model"], "video": right["id"]},
+        "shown": {a: shown[a] for a in ASPECTS},  # left video relative to the right one
+        "labels": {a: candidate_label(shown[a], candidate_left) for a in ASPECTS},
+        "rated_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+
+
+class RatingLog:
+    """The run's stored ratings, read incrementally (each object once) and appended to."""
+
+    def __init__(self, store: Store, run: str):
+        self.store, self.run = store, run
+        self._ratings: dict[str, dict] = {}
+        self._lock = threading.Lock()
+
+    def refresh(self) -> list[dict]:
+        """All ratings in the store, including ones other servers wrote."""
+        keys = [k for k in self.store.list(ratings_prefix(self.run)) if k.endswith(".json")]
+        for key in keys:
+            if key not in self._ratings:
+                rating = self.store.read_json(key)
+                with self._lock:
+                    self._ratings[key] = rating
+        with self._lock:
+            return list(self._ratings.values())
+
+    def append(self, rating: dict) -> str:
+        """One atomic write under a fresh name: a rating never replaces another."""
+        key = f"{ratings_prefix(self.run)}/{rating['id']}.json"
+        uri = self.store.write_json(key, rating)
+        with self._lock:
+            self._ratings[key] = rating
+        return uri
+
+
+def counted(ratings: list[dict], tasks: list[RatingTask]) -> list[dict]:
+    """The ratings that count: of a current task, the first one per (rater, task)."""
+    current = {t.id for t in tasks}
+    first: dict[tuple[str, str], dict] = {}
+    for r in sorted(ratings, key=lambda r: (r["rated_at"], r["id"])):
+        if r["task"] in current:
+            first.setdefault((r["rater"], r["task"]), r)
+    return list(first.values())
+
+
+def tally(ratings: list[dict], tasks: list[RatingTask], comps: list[Comparison]) -> list[dict]:
+    """Per comparison and aspect: Good/Same/Bad counts and the Score, as in Tables 1, 3, 4, 8."""
+    task_comp = {t.id: t.comparison for t in tasks}
+    counts = {c: {a: Counter() for a in ASPECTS} for c in comps}
+    raters: dict[Comparison, set] = {c: set() for c in comps}
+    for r in counted(ratings, tasks):
+        comp = task_comp[r["task"]]
+        raters[comp].add(r["rater"])
+        for aspect in ASPECTS:
+            counts[comp][aspect][r["labels"][aspect]] += 1
+    out = []
+    for c in comps:
+        row = {"comparison": c.name, "candidate": c.candidate, "baseline": c.baseline,
+               "tasks": sum(1 for t in tasks if t.comparison == c), "raters": len(raters[c])}
+        for aspect in ASPECTS:
+            g, s, b = (counts[c][aspect][label] for label in LABELS)
+            row[aspect] = {"good": g, "same": s, "bad": b, "score": gsb_score(g, s, b)}
+        row["ratings"] = sum(row["video_quality"][k] for k in LABELS)
+        out.append(row)
+    return out
