@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Install what regdpo needs on a fresh machine: ffmpeg (apt, when root), a venv with the CPU
-# torch build and the project with its dev extras. Idempotent: re-runs only when pyproject changes.
+# Install what regdpo needs on a fresh machine: ffmpeg (apt, when root; chromium for the tests),
+# a venv with the CPU torch build and the project with its dev extras.
+# Idempotent: re-runs only when pyproject changes.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -13,15 +14,23 @@ command -v ffmpeg >/dev/null 2>&1 && command -v ffprobe >/dev/null 2>&1 || need_
 # opencv-python (required by scenedetect and rapidocr) loads libGL and glib at import.
 ldconfig -p 2>/dev/null | grep -q 'libGL.so.1' || need_apt+=(libgl1)
 ldconfig -p 2>/dev/null | grep -q 'libglib-2.0.so.0' || need_apt+=(libglib2.0-0)
-if ((${#need_apt[@]})); then
+# Only the tests need these: the GSB page's browser test drives Debian's chromium through its
+# chromedriver (Selenium; nothing is downloaded). Without root they are reported, not required.
+want_apt=()
+command -v chromium >/dev/null 2>&1 || want_apt+=(chromium)
+command -v chromedriver >/dev/null 2>&1 || want_apt+=(chromium-driver)
+if ((${#need_apt[@]} + ${#want_apt[@]})); then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
-    echo "bootstrap: apt-get install ${need_apt[*]}"
+    echo "bootstrap: apt-get install ${need_apt[*]} ${want_apt[*]}"
     apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need_apt[@]}" >/dev/null
-  else
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+      "${need_apt[@]}" "${want_apt[@]}" >/dev/null
+  elif ((${#need_apt[@]})); then
     echo "bootstrap: missing system packages: ${need_apt[*]}." >&2
-    echo "  Install them (e.g. 'sudo apt-get install ${need_apt[*]}') and run this again." >&2
+    echo "  Install them (e.g. 'sudo apt-get install ${need_apt[*]} ${want_apt[*]}') and run this again." >&2
     exit 1
+  else
+    echo "bootstrap: the GSB browser test needs ${want_apt[*]}: 'sudo apt-get install ${want_apt[*]}'" >&2
   fi
 fi
 
