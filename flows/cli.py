@@ -114,17 +114,12 @@ def gsb_tally(
 ) -> None:
     """Print the GSB table (Good/Same/Bad and Score per comparison) from the stored ratings."""
     from infra.store import Store
-    from tasks.gsb.ratings import ASPECTS, GSBError, format_score
-    from tasks.gsb.web import GSBSite
+    from tasks.gsb.ratings import GSBError, markdown_table, run_tally
 
     try:
-        site = GSBSite.load(Store(store), run_name, _pairs(pair))
+        typer.echo(markdown_table(run_tally(Store(store), run_name, _pairs(pair))))
     except GSBError as e:
         _fail(f"gsb: {e}")
-    typer.echo(f"{'Comparison (A vs B)':28s} {'ratings':>8s}  {'VQ':>13s} {'VQ Score':>8s}  {'PF':>13s} {'PF Score':>8s}")
-    for row in site.tally():
-        cells = [(f"{row[a]['good']}/{row[a]['same']}/{row[a]['bad']}", format_score(row[a]["score"])) for a in ASPECTS]
-        typer.echo(f"{row['comparison']:28s} {row['ratings']:8d}  " + "  ".join(f"{g:>13s} {s:>8s}" for g, s in cells))
 
 
 def main() -> None:

@@ -250,3 +250,19 @@ def tally(ratings: list[dict], tasks: list[RatingTask], comps: list[Comparison])
         row["ratings"] = sum(row["video_quality"][k] for k in LABELS)
         out.append(row)
     return out
+
+
+def run_tally(store: Store, run: str, pairs: list[str] | None = None) -> list[dict]:
+    """The GSB table of a run from its evaluate manifest and stored ratings."""
+    rows = evaluate_rows(store, run)
+    comps = comparisons(rows, pairs)
+    return tally(RatingLog(store, run).refresh(), rating_tasks(rows, comps), comps)
+
+
+def markdown_table(rows: list[dict]) -> str:
+    """The tally in the layout of the paper's GSB tables (VQ and PF as Good/Same/Bad)."""
+    lines = ["| Comparison (A vs B) | Ratings | VQ | VQ Score | PF | PF Score |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        cells = [f"{r[a]['good']}/{r[a]['same']}/{r[a]['bad']} | {format_score(r[a]['score'])}" for a in ASPECTS]
+        lines.append(f"| {r['comparison']} | {r['ratings']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)

@@ -362,11 +362,11 @@ def _is_image(uri) -> bool:
 
 
 def _tallies_table(site: GSBSite, rows: list[dict]) -> str:
-    head = ("<tr><th>Comparison (A vs B)</th><th>Ratings</th><th>Raters</th><th>VQ</th><th>VQ Score</th>"
-            "<th>PF</th><th>PF Score</th></tr>")
+    head = ("<tr><th>Comparison (A vs B)</th><th>Pairs</th><th>Raters</th><th>Ratings</th><th>VQ</th>"
+            "<th>VQ Score</th><th>PF</th><th>PF Score</th></tr>")
     body = "".join(
         f"<tr data-comparison='{_e(r['comparison'])}'><td>{_e(r['comparison'])}</td>"
-        f"<td>{r['ratings']} / {r['tasks']} pairs</td><td>{r['raters']}</td>"
+        f"<td>{r['tasks']}</td><td>{r['raters']}</td><td class=ratings>{r['ratings']}</td>"
         + "".join(f"<td class={a}>{_gsb(r[a])}</td><td class={a}-score>{format_score(r[a]['score'])}</td>"
                   for a in ASPECTS) + "</tr>" for r in rows)
     return (f"<p>Run <b>{_e(site.run)}</b>. Results for VQ (Video Quality) and PF (Prompt Following) "
