@@ -380,9 +380,11 @@ def _server(app):
 
 @pytest.fixture
 def chromium():
-    webdriver = pytest.importorskip("selenium.webdriver", reason="pip install selenium (dev extra)")
-    from selenium.webdriver.chrome.service import Service
-
+    try:
+        from selenium import webdriver
+        from selenium.webdriver.chrome.service import Service
+    except ImportError:
+        pytest.fail("the browser test needs selenium: pip install -e '.[dev]'", pytrace=False)
     binary, driver = shutil.which("chromium"), shutil.which("chromedriver")
     if not binary or not driver:
         pytest.fail("the browser test needs Debian's chromium and chromedriver: "
