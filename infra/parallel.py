@@ -1,16 +1,22 @@
 """Parallelism and memory switches, applied to the transformer from outside (torchtitan's
 `parallelize_*` habit): model code never knows about them.
 
-Each switch must give the same loss and gradients as the plain path (tests/test_train.py):
+Each switch must give the same loss and gradients as the plain path (tests/test_train.py for
+the one-process switches, tests/test_distributed.py for the multi-rank ones):
 - pair_batch             win and lose through ONE forward as a batch of 2B (paper A.2 item 3,
                          "full parallel processing of pairs"), else two forwards of B;
 - gradient_checkpointing diffusers' per-block activation recomputation (non-reentrant, so the
                          frozen base with trainable LoRA still gets its gradients);
+                         `checkpoint_every` k recomputes only every k-th block (selective AC);
 - bf16                   autocast to bfloat16, on CUDA only (CPU autocast is slow and changes
-                         the numbers the CPU tests compare).
-Not here yet (single process only): FSDP2 `fully_shard` per transformer block, context
-parallelism over the frame axis, and pair parallelism across two ranks exchanging only the
-per-sample errors — each slots in as one more step of `parallelize` / `pair_forward`.
+                         the numbers the CPU tests compare);
+- fsdp                   FSDP2 `fully_shard` per transformer block, then the root, over all
+                         ranks: the frozen base weights are sharded and all-gathered per block;
+- context_parallel       the video tokens split across this many ranks (infra.distributed);
+- pair_parallel          the win side of each pair on one rank, the lose side on its partner,
+                         exchanging only the per-sample errors;
+and, across what is left of the world, data parallelism: each rank group trains on its own
+slice of the micro-batch (infra.distributed.Layout).
 """
 
 from __future__ import annotations
@@ -23,6 +29,8 @@ from pydantic import Field
 from torch import Tensor
 
 from infra.config import Section
+from infra.distributed import Layout, apply_context_parallel, exchange_errors
+from models.wan import lora_parameters
 
 
 class ParallelConfig(Section):
@@ -33,16 +41,72 @@ class ParallelConfig(Section):
         "off = two separate forwards (same numbers, less peak activation sharing)")
     gradient_checkpointing: bool = Field(
         False, description="recompute each transformer block's activations in backward")
+    checkpoint_every: int = Field(
+        1, ge=1, description="with gradient_checkpointing: recompute every k-th block only "
+        "(1 = all blocks; larger trades memory for less recompute)")
     bf16: bool = Field(True, description="bfloat16 autocast; applies on CUDA only")
+    fsdp: bool = Field(
+        False, description="FSDP2: shard the frozen base weights over all ranks (fully_shard "
+        "per block, then the root); the LoRA weights stay whole on every rank")
+    context_parallel: int = Field(
+        1, ge=1, description="ranks that split one sample's video tokens (sequence axis); "
+        "must divide the number of processes and the token count")
+    pair_parallel: bool = Field(
+        False, description="win side on one rank, lose side on its partner, exchanging only "
+        "the per-sample errors (needs an even number of processes)")
+
+    @property
+    def pair_degree(self) -> int:
+        return 2 if self.pair_parallel else 1
 
 
-def parallelize(transformer: torch.nn.Module, cfg: ParallelConfig) -> torch.nn.Module:
-    """Apply the memory switches to the (LoRA-wrapped) transformer, in place; returns it."""
+def parallelize(transformer: torch.nn.Module, cfg: ParallelConfig,
+                layout: Layout | None = None) -> torch.nn.Module:
+    """Apply the switches to the (LoRA-wrapped) transformer on its device, in place; returns it.
+    Order as in torchtitan: activation checkpointing, then the parallel layouts, FSDP last."""
     if cfg.gradient_checkpointing:
-        # diffusers' default is torch.utils.checkpoint with use_reentrant=False: the block inputs
-        # need not require grad for the LoRA weights inside the block to get gradients.
-        transformer.enable_gradient_checkpointing()
+        checkpoint_blocks(transformer, cfg.checkpoint_every)
+    if layout is not None and layout.cp > 1:
+        apply_context_parallel(transformer, layout.group("cp"))
+    if cfg.fsdp and layout is not None and layout.world > 1:
+        apply_fsdp(transformer, layout)
     return transformer
+
+
+def checkpoint_blocks(transformer: torch.nn.Module, every: int) -> None:
+    """Recompute the activations of every `every`-th block in backward (diffusers' checkpointing
+    function: torch.utils.checkpoint, non-reentrant, so the block inputs need not require grad
+    for the LoRA weights inside the block to get gradients)."""
+    transformer.enable_gradient_checkpointing()
+    if every == 1:
+        return
+    recompute = transformer._gradient_checkpointing_func
+
+    def selective(block: torch.nn.Module, *args: object) -> object:
+        index = block_index[id(block)]
+        return recompute(block, *args) if index % every == 0 else block(*args)
+
+    block_index = {id(b): i for i, b in enumerate(transformer.blocks)}
+    transformer._gradient_checkpointing_func = selective
+
+
+def apply_fsdp(transformer: torch.nn.Module, layout: Layout) -> None:
+    """FSDP2 over the whole world: one unit per WanTransformerBlock, then the root.
+
+    The LoRA weights are left out of every unit (`ignored_params`): they are a few MiB against
+    the base's GiBs, so sharding them saves nothing, while leaving them whole keeps frozen and
+    trainable (bf16 and fp32) weights out of one all-gather unit, keeps the reference pass
+    (adapters disabled) free of FSDP, and lets checkpoints save plain tensors. Their partial
+    gradients are all-reduced by Layout.reduce_gradients like every other layout's.
+    """
+    from torch.distributed.fsdp import fully_shard
+
+    lora = set(lora_parameters(transformer))
+    for block in transformer.blocks:
+        fully_shard(block, mesh=layout.world_mesh, ignored_params=lora)
+    # The root's weights (embeddings, head) are needed right after the last block: keep them.
+    fully_shard(transformer, mesh=layout.world_mesh, ignored_params=lora,
+                reshard_after_forward=False)
 
 
 def autocast(cfg: ParallelConfig, device: torch.device) -> ContextManager:
@@ -56,14 +120,17 @@ ErrorFn = Callable[[Tensor, Tensor], Tensor]
 
 
 def pair_forward(errors: ErrorFn, win: tuple[Tensor, Tensor], lose: tuple[Tensor, Tensor],
-                 pair_batch: bool) -> tuple[Tensor, Tensor]:
+                 cfg: ParallelConfig, layout: Layout | None = None) -> tuple[Tensor, Tensor]:
     """Per-sample errors (e^w [B], e^l [B]) of one model on the win and lose sides of B pairs.
 
     `errors(x_t, y)` runs the model on a stack of k·B noisy latents (k = 1 or 2; it tiles the
     pairs' shared conditioning k times) and returns k·B errors; `win`/`lose` are (x_t, y).
     Batched, both sides share one graph and one pass over the weights (paper A.2, item 3).
+    Pair-parallel, this rank runs one side and the errors are exchanged.
     """
-    if pair_batch:
+    if layout is not None and layout.pair > 1:
+        return exchange_errors(errors(*(win, lose)[layout.local("pair")]), layout)
+    if cfg.pair_batch:
         both = errors(torch.cat([win[0], lose[0]]), torch.cat([win[1], lose[1]]))
         err_w, err_l = both.chunk(2)
         return err_w, err_l

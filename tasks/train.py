@@ -1,5 +1,6 @@
 """The train stage: Reg-DPO (and DPO/SFT/region/KTO) LoRA post-training of a Wan transformer on
-pre-encoded latent pairs, single process. Read top to bottom: config, pair data, one step, loop.
+pre-encoded latent pairs, in one process or many (torchrun; infra.distributed). Read top to
+bottom: config, pair data, one step, loop.
 
 The step (DESIGN "Training: losses (exact)"; equation numbers from Reg-DPO, paper 001):
   per pair ONE timestep t and ONE noise ε, shared by win and lose; flow matching
@@ -18,7 +19,12 @@ Wan's own training; no extra density (logit-normal) is applied on top.
 Randomness: a pair's (t, ε) come from a generator seeded by (seed, epoch, position in the epoch),
 not from a global stream. The numbers of a pair thus do not depend on how pairs are grouped into
 micro-batches or steps (accumulation 2×1 equals a batch of 2) nor on a restart; the global RNGs
-(LoRA dropout) are still checkpointed for an exact resume.
+(LoRA dropout) are still checkpointed for an exact resume. The same holds across processes:
+every rank draws the micro-batch's slots from the same cursor and loads its dp slice of them.
+
+Processes: `torchrun --nproc-per-node N -m tasks.train ...` runs the same loop on N ranks laid out
+by train.parallel (FSDP, context, pair and data parallelism); every rank computes, rank 0 alone
+writes checkpoints, logs and the adapter (Layout.main_only), and every rank reads a resume.
 """
 
 from __future__ import annotations
@@ -48,6 +54,7 @@ from torch import Tensor
 
 from infra.checkpoint import CheckpointConfig, Checkpointer, save_final_adapter
 from infra.config import Section, yaml_load
+from infra.distributed import Layout, shutdown
 from infra.parallel import ParallelConfig, autocast, pair_forward, parallelize
 from infra.store import Store, digest, join_key
 from losses import PreferenceLoss, flow_error, masked_error, preference_loss
@@ -124,7 +131,8 @@ class TrainConfig(Section):
     collapse_window: int = Field(50, ge=2, description="steps the collapse guard looks back")
     collapse_fraction: float = Field(0.1, gt=0, lt=1, description="warn when DGR is below this "
                                      "fraction of its start value and both gaps rose")
-    device: str | None = Field(None, description="torch device; None = cuda if available")
+    device: str | None = Field(None, description="torch device; None = cuda if available "
+                               "(cuda:LOCAL_RANK under torchrun)")
     local_dir: str | None = Field(None, description="scratch dir for TensorBoard; None = temp")
     log_sync_s: float = Field(30.0, ge=0, description="upload metrics.jsonl at most this often "
                               "(and at every checkpoint and the end); 0 = every step")
@@ -411,6 +419,9 @@ class CollapseGuard:
         return dgr_fell and late[1] > early[1] and late[2] > early[2]
 
 
+METRICS_FILE, TENSORBOARD_DIR = "metrics.jsonl", "tensorboard"
+
+
 def _jsonable(v: Any) -> Any:
     return None if isinstance(v, float) and not math.isfinite(v) else v
 
@@ -422,7 +433,7 @@ class MetricsLog:
     growing file every step would be quadratic I/O in the training loop."""
 
     def __init__(self, store: Store, out: str, local_dir: str | None, sync_s: float = 30.0):
-        self.store, self.key, self.tb_key = store, f"{out}/metrics.jsonl", f"{out}/tensorboard"
+        self.store, self.key, self.tb_key = store, f"{out}/{METRICS_FILE}", f"{out}/{TENSORBOARD_DIR}"
         self.sync_s, self.synced_at = sync_s, 0.0
         self.temporary = local_dir is None
         self.local = Path(local_dir or tempfile.mkdtemp(prefix="regdpo-train-"))
@@ -505,12 +516,18 @@ class Trainer:
     __init__, before any step.
     """
 
-    def __init__(self, cfg: TrainConfig, store: Store, out: str):
+    def __init__(self, cfg: TrainConfig, store: Store, out: str, layout: Layout | None = None):
         if not cfg.data:
             raise ValueError("train.data is not set: give the store key of the pairs dataset "
                              "(the precompute stage's output dir)")
         self.cfg, self.store, self.out = cfg, store, join_key(out)
-        self.device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        p = cfg.parallel
+        self.layout = layout or Layout.from_env(p.pair_degree, p.context_parallel, cfg.device)
+        self.device = self.layout.device
+        if cfg.batch_size % self.layout.dp:
+            raise ValueError(f"train.batch_size {cfg.batch_size} does not split over the "
+                             f"{self.layout.dp} data-parallel rank groups of this launch: make it "
+                             "a multiple of nproc / (context_parallel × (2 if pair_parallel else 1))")
         self.dataset = PairsDataset.open(store, cfg.data)
         self.checkpointer = Checkpointer(store, f"{self.out}/checkpoints",
                                          *config_digest(cfg, self.dataset.sha256))
@@ -531,7 +548,10 @@ class Trainer:
         self.cursor = DataCursor(seed=cfg.seed)
         self._epoch_order: tuple[int, list[int]] = (-1, [])
         self.guard = CollapseGuard(cfg.collapse_window, cfg.collapse_fraction)
-        self.log = MetricsLog(store, self.out, cfg.local_dir, cfg.log_sync_s)
+        # Only the main rank writes; elsewhere these sinks swallow every call.
+        self.log = self.layout.main_only(
+            lambda: MetricsLog(store, self.out, cfg.local_dir, cfg.log_sync_s))
+        self.saver = self.layout.main_only(lambda: self.checkpointer)
         self.step, self.skipped = 0, 0
 
     def _build_policy(self, spec: WanSpec) -> WanTransformer3DModel:
@@ -539,7 +559,7 @@ class Trainer:
         lora = self.cfg.lora
         add_lora(transformer, rank=lora.rank, alpha=lora.alpha, targets=lora.targets,
                  dropout=lora.dropout)
-        return parallelize(transformer, self.cfg.parallel).to(self.device)
+        return parallelize(transformer.to(self.device), self.cfg.parallel, self.layout)
 
     # -- data ----------------------------------------------------------------------------
 
@@ -553,8 +573,11 @@ class Trainer:
         return self._epoch_order[1]
 
     def next_batch(self) -> PairBatch:
-        """The next micro-batch, each pair with its own (t, ε) drawn from its own seed."""
+        """This rank's share of the next micro-batch (its dp slice), each pair with its own
+        (t, ε) drawn from its own seed."""
         slots = self.cursor.take(self.cfg.batch_size, len(self.dataset))
+        share = len(slots) // self.layout.dp
+        slots = slots[self.layout.local("dp") * share:][:share]
         pairs = [self.dataset.load(self._order(epoch)[pos]) for epoch, pos in slots]
         sigma, timestep, noise = [], [], []
         for (epoch, pos), pair in zip(slots, pairs):
@@ -597,10 +620,10 @@ class Trainer:
         sigma = batch.sigma.view(-1, 1, 1, 1, 1)
         win = ((1 - sigma) * batch.win + sigma * batch.noise, batch.noise - batch.win)
         lose = ((1 - sigma) * batch.lose + sigma * batch.noise, batch.noise - batch.lose)
-        errors, pair_batch = partial(self.errors, batch), self.cfg.parallel.pair_batch
+        errors, parallel = partial(self.errors, batch), (self.cfg.parallel, self.layout)
         with torch.no_grad(), reference_mode(self.transformer):
-            ref_w, ref_l = pair_forward(errors, win, lose, pair_batch)
-        err_w, err_l = pair_forward(errors, win, lose, pair_batch)
+            ref_w, ref_l = pair_forward(errors, win, lose, *parallel)
+        err_w, err_l = pair_forward(errors, win, lose, *parallel)
         loss, metrics = preference_loss(self.cfg.loss, err_w, err_l, ref_w, ref_l)
         (loss * scale).backward()
         return metrics
@@ -614,7 +637,8 @@ class Trainer:
         n = self.cfg.grad_accum
         # The loss is a mean over pairs, so 1/n per micro-batch makes n×B equal one batch of n·B.
         parts = [self.forward_backward_step(self.next_batch(), 1 / n) for _ in range(n)]
-        metrics = {k: sum(p[k] for p in parts) / n for k in parts[0]}
+        metrics = self.layout.mean_metrics({k: sum(p[k] for p in parts) / n for k in parts[0]})
+        self.layout.reduce_gradients(lora_parameters(self.transformer))
         max_norm = self.cfg.optimizer.max_grad_norm or math.inf
         grad_norm = float(torch.nn.utils.clip_grad_norm_(lora_parameters(self.transformer),
                                                          max_norm))
@@ -650,11 +674,13 @@ class Trainer:
             self.log.write(self.step, {"epoch": self.cursor.epoch, **metrics})
             if self.step % every == 0 or self.step == self.cfg.steps:
                 self.save_checkpoint()
-        adapter = save_final_adapter(self.store, self.transformer, f"{self.out}/adapter")
+        adapter = self.layout.main_only(lambda: save_final_adapter(
+            self.store, self.transformer, f"{self.out}/adapter"))
         self.log.close()
+        self.layout.barrier()  # all written before any rank returns (and, say, resumes)
         return {"steps": self.step, "skipped": self.skipped, "adapter": adapter,
-                "metrics": self.store.uri(self.log.key),
-                "tensorboard": self.store.uri(self.log.tb_key)}
+                "metrics": self.store.uri(f"{self.out}/{METRICS_FILE}"),
+                "tensorboard": self.store.uri(f"{self.out}/{TENSORBOARD_DIR}")}
 
     def trainer_state(self) -> dict[str, Any]:
         return {"step": self.step, "skipped": self.skipped, "cursor": asdict(self.cursor),
@@ -662,8 +688,8 @@ class Trainer:
 
     def save_checkpoint(self) -> str:
         self.log.sync_tensorboard()  # and the JSONL: both in the store up to this step
-        return self.checkpointer.save(self.step, self.transformer, self.optimizer,
-                                      self.lr_scheduler, self.trainer_state())
+        return self.saver.save(self.step, self.transformer, self.optimizer,
+                               self.lr_scheduler, self.trainer_state())
 
     def resume(self) -> None:
         """Continue from the latest checkpoint, if any and allowed; else start at step 0."""
@@ -681,8 +707,12 @@ def train(cfg: TrainConfig, store: Store, out: str) -> dict[str, Any]:
     return Trainer(cfg, store, out).train()
 
 
+RESULT_PREFIX = "regdpo-train-result: "  # the line flows.train reads back from a torchrun launch
+
+
 def main(argv: list[str] | None = None) -> None:
-    """python -m tasks.train TRAIN.yaml --store URL --out PREFIX (the `train` section alone)."""
+    """python -m tasks.train TRAIN.yaml --store URL --out PREFIX (the `train` section alone);
+    under torchrun, one process per rank."""
     parser = argparse.ArgumentParser(description=main.__doc__)
     parser.add_argument("config", help="YAML/JSON file with the train section")
     parser.add_argument("--store", required=True, help="artifact store URL")
@@ -690,7 +720,13 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     cfg = TrainConfig.model_validate(yaml_load(Path(args.config).read_text()) or {})
-    print(json.dumps(train(cfg, Store(args.store), args.out)))
+    try:
+        trainer = Trainer(cfg, Store(args.store), args.out)
+        result = trainer.train()
+        if trainer.layout.is_main:  # the launch's one answer
+            print(RESULT_PREFIX + json.dumps(result), flush=True)
+    finally:
+        shutdown()
 
 
 if __name__ == "__main__":
