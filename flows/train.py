@@ -3,15 +3,21 @@ log, TensorBoard events and the paper's Fig. 2 panels, all under the stage's out
 
 The output dir is the stage key (config, input pairs digest, code), so a re-run with the same
 inputs reuses the committed adapter, and a killed run started again resumes from its last
-checkpoint (tasks.train). Single process only for now: `nproc > 1` is refused, not faked.
+checkpoint (tasks.train). With `nproc > 1` the loop runs as `torchrun --nproc-per-node N -m
+tasks.train` in a child process on this machine (one process per GPU, or N CPU processes on
+gloo), laid out by train.parallel; its output streams into the flow's log.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import re
+import subprocess
+import sys
 import tempfile
 import time
+from collections import deque
 from pathlib import Path
 
 from prefect import flow, get_run_logger, task
@@ -22,10 +28,12 @@ from flows.common import _flow_run_id, commit_stage, committed_entry, recorded_c
 from infra.plots import fig2_panels
 from infra.stage import stage_dir, stage_key
 from infra.store import Store
-from tasks.train import TrainConfig, config_digest
+from tasks.train import RESULT_PREFIX, TrainConfig, check_launch, config_digest
 from tasks.train import train as train_loop
 
 STAGE = "train"
+REPO = Path(__file__).resolve().parents[1]
+LOG_TAIL = 60  # lines of the launch's output a failure quotes
 
 
 def pairs_dir(st: Store, run: str, cfg: TrainConfig, pairs: str | None) -> str:
@@ -45,9 +53,45 @@ def pairs_dir(st: Store, run: str, cfg: TrainConfig, pairs: str | None) -> str:
 
 
 @task(name="train-loop", cache_policy=NO_CACHE)
-def train_adapter(cfg: TrainConfig, store_url: str, out: str) -> dict:
-    """Train (or resume) into `out`; returns counts and URIs."""
-    return train_loop(cfg, Store(store_url), out)
+def train_adapter(cfg: TrainConfig, store_url: str, out: str, nproc: int = 1) -> dict:
+    """Train (or resume) into `out`, in this process or `nproc` torchrun ones; counts and URIs."""
+    if nproc == 1:
+        return train_loop(cfg, Store(store_url), out)
+    return torchrun(cfg, store_url, out, nproc)
+
+
+def torchrun(cfg: TrainConfig, store_url: str, out: str, nproc: int) -> dict:
+    """`torchrun --standalone --nproc-per-node N -m tasks.train` (an argument list, no shell),
+    every output line logged as it comes; rank 0's result line, or a RuntimeError quoting the
+    tail of the output."""
+    logger = get_run_logger()
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)}
+    tail: deque[str] = deque(maxlen=LOG_TAIL)
+    result = None
+    with tempfile.TemporaryDirectory(prefix="regdpo-torchrun-") as tmp:
+        config = Path(tmp) / "train.json"
+        config.write_text(cfg.model_dump_json())
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               "--nproc-per-node", str(nproc), "-m", "tasks.train", str(config),
+               "--store", store_url, "--out", out]
+        logger.info("launching %d training processes: %s", nproc, " ".join(cmd))
+        with subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True, errors="replace") as proc:
+            for line in proc.stdout:
+                line = line.rstrip("\n")
+                if line.startswith(RESULT_PREFIX):
+                    result = json.loads(line.removeprefix(RESULT_PREFIX))
+                    continue
+                tail.append(line)
+                logger.info("%s", line)
+            code = proc.wait()
+    if code != 0 or result is None:
+        raise RuntimeError(
+            f"training with {nproc} processes (torchrun) failed with exit code {code}"
+            + ("" if code else " and no result line") + f"; the last {len(tail)} lines of its "
+            "output:\n" + "\n".join(tail))
+    return result
 
 
 @task(name="fig2-plot", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=5)
@@ -96,17 +140,16 @@ def publish(run: str, outputs: dict, rows: list[dict]) -> None:
 @flow(name="train", log_prints=True)
 def train(run: str = "toy", config: TrainConfig | dict | None = None,
           store: str = "file://./artifacts", pairs: str | None = None, nproc: int = 1) -> dict:
-    """LoRA post-training (Reg-DPO, DPO, SFT, region, KTO) on a committed pairs dataset."""
-    if nproc > 1:
-        raise NotImplementedError(
-            f"train with nproc={nproc}: the torchrun launch (FSDP2 / pair and context "
-            "parallelism across processes) is not built yet; run with nproc=1 (one process, "
-            "one device)")
+    """LoRA post-training (Reg-DPO, DPO, SFT, region, KTO) on a committed pairs dataset;
+    `nproc` processes on this machine (torchrun), laid out by the config's `parallel` section."""
+    if nproc < 1:
+        raise ValueError(f"nproc must be >= 1 (processes on this machine), got {nproc}")
     started, st = time.time(), Store(store)
     if config is None:
         cfg = recorded_config(st, run, STAGE, TrainConfig)
     else:
         cfg = TrainConfig.model_validate(config)
+    check_launch(cfg, nproc)  # a layout that cannot fit fails before any work
     data = pairs_dir(st, run, cfg, pairs)
     cfg = cfg.model_copy(update={"data": data})
     data_success = st.read_success(data)  # raises, naming the dir, if the pairs never committed
@@ -117,7 +160,7 @@ def train(run: str = "toy", config: TrainConfig | dict | None = None,
         row = st.read_manifest(stage_dir(STAGE, key))[0].to_pylist()[0]
         return entry | {k: row[k] for k in ("adapter", "metrics", "tensorboard", "fig2")}
     out = stage_dir(STAGE, key)
-    outputs = train_adapter(cfg, st.url, out)
+    outputs = train_adapter(cfg, st.url, out, nproc)
     title = f"run {run}: {cfg.loss.kind}, β={cfg.loss.beta}, r={cfg.loss.r}"
     outputs["fig2"] = plot_fig2(st.url, outputs["metrics"], f"{out}/fig2.png", title)
     rows = [json.loads(line) for line in st.read_bytes(st.key_of(outputs["metrics"])).decode()

@@ -22,6 +22,7 @@ slice of the micro-batch (infra.distributed.Layout).
 from __future__ import annotations
 
 import contextlib
+import warnings
 from typing import Callable, ContextManager
 
 import torch
@@ -101,6 +102,9 @@ def apply_fsdp(transformer: torch.nn.Module, layout: Layout) -> None:
     """
     from torch.distributed.fsdp import fully_shard
 
+    # FSDP warns that the root returns a view (diffusers' unpatchify): an in-place op on it
+    # would skip a hook. The trainer only reads the prediction (losses.flow_error).
+    warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
     lora = set(lora_parameters(transformer))
     for block in transformer.blocks:
         fully_shard(block, mesh=layout.world_mesh, ignored_params=lora)

@@ -54,7 +54,7 @@ from torch import Tensor
 
 from infra.checkpoint import CheckpointConfig, Checkpointer, save_final_adapter
 from infra.config import Section, yaml_load
-from infra.distributed import Layout, shutdown
+from infra.distributed import Layout, check_grid, shutdown
 from infra.parallel import ParallelConfig, autocast, pair_forward, parallelize
 from infra.store import Store, digest, join_key
 from losses import PreferenceLoss, flow_error, masked_error, preference_loss
@@ -148,6 +148,18 @@ class TrainConfig(Section):
             raise ValueError("train.loss.nll_lambda > 0 needs real-video batches (Dual-IPO), "
                              "which the pairs trainer does not draw; set it to 0")
         return self
+
+
+def check_launch(cfg: TrainConfig, nproc: int) -> int:
+    """The data-parallel degree of `nproc` processes under train.parallel, or a ValueError that
+    names the fix; checked before a launch and again by each rank."""
+    p = cfg.parallel
+    dp = check_grid(nproc, p.pair_degree, p.context_parallel)
+    if cfg.batch_size % dp:
+        raise ValueError(f"train.batch_size {cfg.batch_size} does not split over the {dp} "
+                         f"data-parallel groups of {nproc} processes: make it a multiple of "
+                         f"{dp}, or use fewer processes / more context_parallel ranks")
+    return dp
 
 
 # Fields that change no number of the run: a resume may differ in them.
@@ -524,10 +536,7 @@ class Trainer:
         p = cfg.parallel
         self.layout = layout or Layout.from_env(p.pair_degree, p.context_parallel, cfg.device)
         self.device = self.layout.device
-        if cfg.batch_size % self.layout.dp:
-            raise ValueError(f"train.batch_size {cfg.batch_size} does not split over the "
-                             f"{self.layout.dp} data-parallel rank groups of this launch: make it "
-                             "a multiple of nproc / (context_parallel × (2 if pair_parallel else 1))")
+        check_launch(cfg, self.layout.world)
         self.dataset = PairsDataset.open(store, cfg.data)
         self.checkpointer = Checkpointer(store, f"{self.out}/checkpoints",
                                          *config_digest(cfg, self.dataset.sha256))

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from safetensors.torch import load_file
 
 from infra.config import ConfigError, load_config
@@ -96,12 +97,50 @@ def test_collapse_is_surfaced_in_the_report():
     assert "Collapse signature" in note and "first at step 4" in note
 
 
-def test_nproc_above_one_is_refused_before_any_work(prefect_api, tmp_path):
+@pytest.mark.slow
+def test_train_flow_with_two_processes_matches_one(prefect_api, tiny_t2v, tmp_path):
+    """nproc=2 launches torchrun (2 CPU ranks on gloo: pair parallel + FSDP); rank 0 alone writes
+    the log and the adapter, which equals the one-process run's."""
+    from flows.train import train
+    from tasks.train import train as train_loop
+
+    st = Store(str(tmp_path / "store"))
+    uri = write_random_pairs(st, "data/pairs", transformer_config(WanSpec("t2v", tiny_t2v)), 4)
+    config = _config(tiny_t2v, batch_size=2, parallel=dict(pair_parallel=True, fsdp=True))
+    result = train(run="t", config=config, store=st.url, pairs=uri, nproc=2)
+
+    lines = st.read_bytes(st.key_of(result["metrics"])).decode().splitlines()
+    assert [json.loads(line)["step"] for line in lines] == [1, 2, 3]  # one writer, no duplicates
+    assert st.read_run("t")["stages"]["train"]["counts"]["ok"] == 1
+    plain = config | {"data": "data/pairs", "parallel": {}}
+    one = train_loop(TrainConfig.model_validate(plain), st, "one")
+    got = load_file(st.path(st.key_of(result["adapter"])))
+    want = load_file(st.path(st.key_of(one["adapter"])))
+    assert got.keys() == want.keys()
+    for k in want:
+        assert torch.allclose(got[k], want[k], rtol=1e-4, atol=1e-6), k
+
+
+def test_a_layout_that_does_not_fit_nproc_fails_before_any_work(prefect_api, tiny_t2v, tmp_path):
     from flows.train import train
 
-    with pytest.raises(NotImplementedError, match="torchrun launch .* is not built yet"):
-        train(run="t", config={"steps": 1}, store=str(tmp_path / "store"), nproc=2)
+    config = _config(tiny_t2v, parallel=dict(context_parallel=2))
+    with pytest.raises(ValueError, match="multiple of 2"):
+        train(run="t", config=config, store=str(tmp_path / "store"), nproc=3)
     assert not (tmp_path / "store" / "runs").exists()
+
+
+@pytest.mark.slow
+def test_a_failed_launch_fails_the_flow_with_the_tail_of_its_output(prefect_api, tiny_t2v,
+                                                                    tmp_path):
+    from flows.train import train
+
+    st = Store(str(tmp_path / "store"))
+    uri = write_random_pairs(st, "data/pairs", transformer_config(WanSpec("t2v", tiny_t2v)), 4)
+    config = _config(str(tmp_path / "no-such-model"), batch_size=2)
+    with pytest.raises(RuntimeError, match=r"(?s)exit code [1-9].*no-such-model"):
+        train(run="t", config=config, store=st.url, pairs=uri, nproc=2)
+    assert "train" not in (st.read_run("t") or {}).get("stages", {})
 
 
 def test_missing_pairs_say_what_to_run(prefect_api, tiny_t2v, tmp_path):
