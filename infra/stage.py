@@ -23,6 +23,10 @@ STAGE_MODULES: dict[str, tuple[str, ...]] = {
     "acquire": ("tasks.acquire", "infra.video"),
     "filter": ("tasks.filter", "infra.video"),
     "normalize": ("tasks.normalize", "infra.video", "models.captioner"),
+    "negatives": ("tasks.negatives", "tasks.precompute", "tasks.normalize", "infra.video",
+                  "models.wan"),
+    "pairs": ("tasks.pairs",),
+    "precompute": ("tasks.precompute", "models.wan"),
     "train": ("tasks.train", "losses.preference", "losses.errors", "models.wan", "infra.parallel",
               "infra.checkpoint"),
 }

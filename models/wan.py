@@ -391,3 +391,130 @@ def save_lora(transformer: WanTransformer3DModel, directory: str | Path) -> Path
         transformer_lora_adapter_metadata=transformer.peft_config["default"].to_dict(),
     )
     return Path(directory) / "pytorch_lora_weights.safetensors"
+
+
+# ---------------------------------------------------------------------------------------
+# Frozen encoders and generators for the data stages (negatives, precompute)
+# ---------------------------------------------------------------------------------------
+#
+# Each helper runs the diffusers pipeline's own code on a pipeline object that holds only
+# the components it needs, so an embedding or a condition here is bit for bit what
+# WanPipeline / WanImageToVideoPipeline would compute inside __call__.
+
+
+def load_generator(spec: WanSpec) -> Pipeline:
+    """The pipeline of load_pipeline without its text encoder: the negatives stage feeds it
+    prompt embeddings computed once per prompt, so UMT5 (~11 GB for Wan2.1 14B) never sits
+    next to the transformer."""
+    index = _read_json(spec, "model_index.json")
+    has_expert_2 = (index.get("transformer_2") or [None])[0] is not None
+    parts: dict[str, Any] = dict(
+        tokenizer=None, text_encoder=None, vae=load_vae(spec), scheduler=load_scheduler(spec),
+        transformer=load_transformer(spec),
+        transformer_2=load_transformer(spec, "transformer_2") if has_expert_2 else None,
+        boundary_ratio=index.get("boundary_ratio"),
+        expand_timesteps=index.get("expand_timesteps", False),
+    )
+    if spec.kind == "t2v":
+        return WanPipeline(**parts)
+    if spec.kind == "i2v":
+        parts["image_encoder"], parts["image_processor"] = load_image_encoder(spec)
+    return WanImageToVideoPipeline(**parts)
+
+
+def component_identity(spec: WanSpec, component: str) -> str:
+    """A digest of a component's files (names, sizes, configs, the ends of each weight shard)
+    and the dtype it runs in: two models that ship the same UMT5 or VAE get the same identity,
+    so their encodings are shared. Reads ~2 MiB per shard, never whole weights."""
+    import hashlib
+
+    root = _resolve(spec, component)
+    h = hashlib.sha256(f"{component}|{spec.dtype}".encode())
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        size = path.stat().st_size
+        h.update(f"{path.relative_to(root)}|{size}".encode())
+        with open(path, "rb") as f:
+            if size <= 4 << 20:
+                h.update(f.read())
+            else:
+                h.update(f.read(1 << 20))
+                f.seek(size - (1 << 20))
+                h.update(f.read())
+    return h.hexdigest()[:32]
+
+
+@torch.no_grad()
+def encode_prompts(encoder: UMT5EncoderModel, tokenizer: Any, prompts: list[str],
+                   device: torch.device | str) -> torch.Tensor:
+    """[B, TEXT_LEN, text_dim] UMT5 embeddings, cleaned, truncated and zero-padded exactly as
+    the Wan pipelines' encode_prompt does (max_sequence_length = 512)."""
+    pipe = WanPipeline(tokenizer=tokenizer, text_encoder=encoder, vae=None, scheduler=None,
+                       transformer=None)
+    embeds, _ = pipe.encode_prompt(prompts, do_classifier_free_guidance=False,
+                                   max_sequence_length=TEXT_LEN, device=torch.device(device),
+                                   dtype=encoder.dtype)
+    return embeds
+
+
+@torch.no_grad()
+def encode_image(encoder: CLIPVisionModel, processor: Any, image: Any,
+                 device: torch.device | str) -> torch.Tensor:
+    """[N, image_dim] CLIP penultimate hidden states of one reference image (Wan2.1 I2V's
+    encode_image)."""
+    pipe = WanImageToVideoPipeline(tokenizer=None, text_encoder=None, vae=None, scheduler=None,
+                                   image_processor=processor, image_encoder=encoder,
+                                   transformer=None)
+    return pipe.encode_image(image, torch.device(device))[0]
+
+
+def latent_stats(vae: AutoencoderKLWan) -> tuple[torch.Tensor, torch.Tensor]:
+    """(latents_mean, latents_std) as [1, z_dim, 1, 1, 1]: the pipelines normalize a latent as
+    (z - mean) / std before the transformer sees it."""
+    shape = (1, vae.config.z_dim, 1, 1, 1)
+    return (torch.tensor(vae.config.latents_mean).view(shape),
+            torch.tensor(vae.config.latents_std).view(shape))
+
+
+@torch.no_grad()
+def encode_video(vae: AutoencoderKLWan, frames: torch.Tensor) -> torch.Tensor:
+    """Normalized latent [z_dim, F', H/8, W/8] of uint8 frames [F, H, W, 3] (F = 4k + 1).
+
+    The distribution's mode (as WanImageToVideoPipeline encodes its condition), so the same
+    video always gives the same latent and the encoding can be content-addressed."""
+    device = next(vae.parameters()).device
+    x = frames.to(device=device, dtype=vae.dtype).permute(3, 0, 1, 2)[None] / 127.5 - 1.0
+    z = vae.encode(x).latent_dist.mode()
+    mean, std = latent_stats(vae)
+    return ((z - mean.to(z)) / std.to(z))[0].float().cpu()
+
+
+@torch.no_grad()
+def decode_latent(vae: AutoencoderKLWan, latent: torch.Tensor) -> torch.Tensor:
+    """uint8 frames [F, H, W, 3] of a normalized latent [z_dim, F', H', W'] (the pipelines'
+    un-normalize + decode + postprocess)."""
+    device = next(vae.parameters()).device
+    mean, std = latent_stats(vae)
+    z = latent[None].to(device=device, dtype=vae.dtype) * std.to(device, vae.dtype)
+    video = vae.decode(z + mean.to(device, vae.dtype), return_dict=False)[0][0]
+    video = ((video.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return video.permute(1, 2, 3, 0).cpu()
+
+
+@torch.no_grad()
+def image_condition(vae: AutoencoderKLWan, image: Any, height: int, width: int,
+                    num_frames: int) -> torch.Tensor:
+    """The I2V condition [4 + z_dim, F', H/8, W/8]: the first-frame mask channels, then the
+    normalized latent of the reference frame followed by zero frames — built by
+    WanImageToVideoPipeline.prepare_latents itself."""
+    pipe = WanImageToVideoPipeline(tokenizer=None, text_encoder=None, vae=vae, scheduler=None,
+                                   image_processor=None, image_encoder=None, transformer=None)
+    device = next(vae.parameters()).device
+    pixels = pipe.video_processor.preprocess(image, height=height, width=width)
+    _, condition = pipe.prepare_latents(pixels.to(device, torch.float32), 1, vae.config.z_dim,
+                                        height, width, num_frames, torch.float32, device)
+    return condition[0].cpu()
+
+
+def component_config(spec: WanSpec, component: str) -> dict[str, Any]:
+    """`<component>/config.json` of the model (e.g. "vae", "text_encoder"), without weights."""
+    return _read_json(spec, f"{component}/config.json")

@@ -1,0 +1,191 @@
+"""pairs: preference pairs (win = preferred, lose = rejected) and the train/test split.
+
+- gt_pair (Reg-DPO §3.1): each GT clip wins against each of its generated negatives.
+- local (LocalDPO): each GT clip wins against its locally corrupted copy; the mask travels along.
+- annotated (paper A.1's manual pairs): external per-video scores; within one GT clip's
+  videos every two with different scores make a pair, the higher one wins; the paper's
+  options keep pairs with a score gap >= 1 or >= 2 and a positive score >= 4.
+
+The split is by GT clip (paper A.1: held-out GT videos give only reference frames and prompts
+to the test set), decided per clip by a hash so adding clips never moves one across; the
+negatives of a test clip never reach training.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections import Counter
+from itertools import combinations
+from pathlib import Path
+from typing import Literal
+
+import pyarrow.csv as pa_csv
+import pyarrow.parquet as pq
+
+from infra.config import AnnotatedConfig
+from infra.store import Store, digest, open_url
+from infra.video import ProbeError, probe
+
+GT_COLUMNS = ("bucket", "width", "height", "fps", "frames")
+Split = Literal["train", "test"]
+
+
+def split_of(clip_id: str, test_fraction: float, seed: int) -> Split:
+    """'test' for a fixed pseudo-random `test_fraction` of clips, by a hash of (seed, id)."""
+    h = int.from_bytes(hashlib.sha256(f"{seed}:{clip_id}".encode()).digest()[:8], "big")
+    return "test" if h / 2**64 < test_fraction else "train"
+
+
+def _pair(clip: dict, pair_id: str, split: Split, **fields) -> dict:
+    base = {"id": pair_id, "pair_id": pair_id, "gt_id": clip["id"], "prompt": clip["prompt"],
+            "ref_image": clip["ref_image"], "win": None, "lose": None, "mask": None,
+            "mask_video": None, "generator": None, "split": split, "status": "ok", "reason": ""}
+    return base | {k: clip[k] for k in GT_COLUMNS} | fields
+
+
+def test_rows(clips: list[dict], split: dict[str, Split]) -> list[dict]:
+    """One row per held-out clip: its reference frame and prompt, no videos."""
+    return [_pair(c, f"{c['id']}.test", "test") for c in clips if split[c["id"]] == "test"]
+
+
+def negative_pairs(clips: list[dict], negatives: list[dict], split: dict[str, Split]) -> list[dict]:
+    """(GT, negative) pairs of the train clips; a failed negative is a rejected row saying so."""
+    by_id = {c["id"]: c for c in clips}
+    rows = []
+    for neg in negatives:
+        clip = by_id.get(neg["gt_id"])
+        if clip is None or split[clip["id"]] == "test":
+            continue  # no longer a GT clip of the run, or held out: never trained on
+        if neg["status"] != "ok":
+            rows.append(_pair(clip, neg["id"], "train", generator=neg.get("generator"),
+                              status="rejected",
+                              reason=f"no negative from {neg.get('generator')}: {neg['reason']}"))
+            continue
+        rows.append(_pair(clip, neg["id"], "train", win=clip["video"], lose=neg["video"],
+                          mask=neg.get("mask"), mask_video=neg.get("mask_video"),
+                          generator=neg["generator"], seed=neg.get("seed")))
+    return rows
+
+
+# ---------------------------------------------------------------------------------------
+# annotated
+# ---------------------------------------------------------------------------------------
+
+
+def read_scores(cfg: AnnotatedConfig) -> list[dict]:
+    """The scores table (CSV or Parquet) as rows of (gt, video, score)."""
+    with open_url(cfg.scores) as f:
+        table = pq.read_table(f) if cfg.scores.lower().endswith(".parquet") else pa_csv.read_csv(f)
+    columns = (cfg.gt_column, cfg.video_column, cfg.score_column)
+    missing = [c for c in columns if c not in table.column_names]
+    if missing:
+        raise ValueError(f"scores file {cfg.scores} has no column(s) {missing} (it has "
+                         f"{table.column_names}); set pairs.annotated.gt_column / video_column "
+                         "/ score_column")
+    rows = []
+    for i, r in enumerate(table.select(list(columns)).to_pylist()):
+        try:
+            score = float(r[cfg.score_column])
+        except (TypeError, ValueError):
+            raise ValueError(f"scores file {cfg.scores} row {i + 1}: score "
+                             f"{r[cfg.score_column]!r} is not a number") from None
+        rows.append({"gt": str(r[cfg.gt_column]), "video": str(r[cfg.video_column]), "score": score})
+    return rows
+
+
+def score_counts(candidates: list[tuple[float, float]]) -> dict[str, int]:
+    """The paper's A.1 tally over (win score, gap) of every strict preference."""
+    return {"candidates": len(candidates),
+            "gap>=1": sum(g >= 1 for _, g in candidates),
+            "gap>=2": sum(g >= 2 for _, g in candidates),
+            "win>=4": sum(w >= 4 for w, _ in candidates),
+            "gap>=2 & win>=4": sum(g >= 2 and w >= 4 for w, g in candidates)}
+
+
+def annotated_candidates(clips: list[dict], scores: list[dict], cfg: AnnotatedConfig,
+                         split: dict[str, Split]) -> tuple[list[dict], dict[str, int]]:
+    """Pair rows (win/lose still paths under video_root) and the counts, thresholds applied."""
+    by_id = {c["id"]: c for c in clips}
+    groups: dict[str, list[dict]] = {}
+    for s in scores:
+        groups.setdefault(s["gt"], []).append(s)
+    rows, tally = [], []
+    for gt, videos in groups.items():
+        clip = by_id.get(gt)
+        if clip is None:
+            rows.append({"id": f"{gt}.unknown", "gt_id": gt, "split": None, "status": "rejected",
+                         "reason": f"scores name GT clip {gt!r}, which is not an ok clip of the "
+                                   "run's normalize stage"})
+            continue
+        if split[gt] == "test":
+            continue
+        for a, b in combinations(videos, 2):
+            if a["score"] == b["score"]:
+                continue  # a tie states no preference
+            win, lose = (a, b) if a["score"] > b["score"] else (b, a)
+            gap = win["score"] - lose["score"]
+            tally.append((win["score"], gap))
+            pair_id = f"{gt}.{digest([win['video'], lose['video']], 12)}"
+            reason = ""
+            if gap < cfg.min_gap:
+                reason = f"score gap {gap:g} < min_gap {cfg.min_gap:g}"
+            elif cfg.min_win_score is not None and win["score"] < cfg.min_win_score:
+                reason = f"positive score {win['score']:g} < min_win_score {cfg.min_win_score:g}"
+            rows.append(_pair(clip, pair_id, "train", win=win["video"], lose=lose["video"],
+                              generator="annotated", win_score=win["score"],
+                              lose_score=lose["score"], status="rejected" if reason else "ok",
+                              reason=reason))
+    counts = score_counts(tally) | {"kept": sum(r["status"] == "ok" and r.get("win") is not None
+                                                for r in rows)}
+    return rows, counts
+
+
+def inside(root: str, name: str) -> Path:
+    """The file `name` under `root`; a name that leaves the root (.., absolute, URL) is refused."""
+    base = Path(root).resolve()
+    if "://" in name or os.path.isabs(name):
+        raise ValueError(f"video {name!r} must be a path relative to video_root {root}")
+    path = (base / name).resolve()
+    if not path.is_relative_to(base):
+        raise ValueError(f"video {name!r} leaves video_root {root}")
+    return path
+
+
+def import_video(store: Store, root: str, name: str) -> str:
+    """Copy an annotated video into the store (content-addressed) after probing it."""
+    path = inside(root, name)
+    if not path.is_file():
+        raise ValueError(f"video {name!r} not found under video_root {root}")
+    try:
+        probe(path)
+    except ProbeError as e:
+        raise ValueError(f"video {name!r}: {e}") from None
+    sha = hashlib.sha256(path.read_bytes()).hexdigest()
+    key = f"items/pairs/annotated/{sha[:32]}{path.suffix.lower()}"
+    return store.uri(key) if store.exists(key) else store.put_file(path, key)
+
+
+def import_pairs(store: Store, rows: list[dict], root: str) -> list[dict]:
+    """Kept annotated pairs with their videos in the store; a bad video rejects its pairs."""
+    uris: dict[str, str | Exception] = {}
+    out = []
+    for row in rows:
+        if row["status"] != "ok" or row.get("win") is None:
+            out.append(row)
+            continue
+        for name in (row["win"], row["lose"]):
+            if name not in uris:
+                try:
+                    uris[name] = import_video(store, root, name)
+                except ValueError as e:
+                    uris[name] = e
+        bad = [uris[n] for n in (row["win"], row["lose"]) if isinstance(uris[n], Exception)]
+        out.append(row | ({"status": "rejected", "reason": str(bad[0])} if bad else
+                          {"win": uris[row["win"]], "lose": uris[row["lose"]]}))
+    return out
+
+
+def split_counts(rows: list[dict]) -> dict[str, int]:
+    c = Counter((r.get("split"), r["status"]) for r in rows)
+    return {f"{split} {status}": n for (split, status), n in sorted(c.items(), key=str)}
