@@ -131,7 +131,7 @@ def _run_config(job: dict[str, Any]) -> dict[str, Any]:
     import torch
     from diffusers import WanTransformer3DModel
 
-    from infra.parallel import ParallelConfig, pair_forward, parallelize
+    from infra.parallel import ParallelConfig, checkpoint_blocks, pair_forward, parallelize
     from losses import PreferenceLoss, preference_loss
     from models.wan import TEXT_LEN, add_lora, lora_parameters
     from tasks.train import PairBatch, Trainer
@@ -176,7 +176,8 @@ def _run_config(job: dict[str, Any]) -> dict[str, Any]:
 
     # -- the path's setup (counted in its peak) ----------------------------------------------
     naive = job["path"] == "naive"
-    parallel = ParallelConfig(pair_batch=not naive, gradient_checkpointing=not naive, bf16=True)
+    parallel = ParallelConfig(pair_batch=not naive, gradient_checkpointing=not naive, bf16=True,
+                              checkpoint_every=job["checkpoint_every"])
     cfg = SimpleNamespace(parallel=parallel, loss=PreferenceLoss(kind="regdpo"))
     reference = None
     if naive:
@@ -189,7 +190,7 @@ def _run_config(job: dict[str, Any]) -> dict[str, Any]:
 
     # Trainer's own step code on in-memory tensors: the attributes its methods read.
     def trainer_view(transformer: torch.nn.Module) -> Any:
-        view = SimpleNamespace(cfg=cfg, transformer=transformer, device=device)
+        view = SimpleNamespace(cfg=cfg, transformer=transformer, device=device, layout=None)
         view.errors = partial(Trainer.errors, view)
         return view
 
@@ -206,8 +207,8 @@ def _run_config(job: dict[str, Any]) -> dict[str, Any]:
         lose = ((1 - sigma) * batch.lose + sigma * batch.noise, batch.noise - batch.lose)
         with torch.no_grad():
             ref_w, ref_l = pair_forward(partial(trainer_view(reference).errors, batch), win, lose,
-                                        False)
-        err_w, err_l = pair_forward(partial(policy.errors, batch), win, lose, False)
+                                        parallel)
+        err_w, err_l = pair_forward(partial(policy.errors, batch), win, lose, parallel)
         loss, _ = preference_loss(cfg.loss, err_w, err_l, ref_w, ref_l)
         loss.backward()
 
@@ -253,7 +254,7 @@ def _run_config(job: dict[str, Any]) -> dict[str, Any]:
                 return time.perf_counter() - t0
             finally:
                 optimizer.zero_grad(set_to_none=True)
-                model.enable_gradient_checkpointing()
+                checkpoint_blocks(model, job["checkpoint_every"])
 
         try:
             ideal()  # warm the no-checkpointing path (its larger buffers)
@@ -354,6 +355,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--budget-gb", type=float, default=None,
                    help="memory budget in GiB (default: the naive peak at the middle F)")
     p.add_argument("--rank", type=int, default=16, help="LoRA rank (alpha = 2 rank)")
+    p.add_argument("--checkpoint-every", type=int, default=1,
+                   help="optimized path: recompute every k-th block only (selective activation "
+                        "checkpointing, train.parallel.checkpoint_every; 1 = every block)")
     p.add_argument("--warmup", type=int, default=1, help="untimed steps per configuration")
     p.add_argument("--steps", type=int, default=None, help="timed steps (default 2 CPU, 3 CUDA)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads in the children")
@@ -390,7 +394,7 @@ def main(argv: list[str] | None = None) -> None:
     def job(path: str, f: int) -> dict[str, Any]:
         return dict(path=path, frames=f, device=device, config=config, latent_hw=(h, w),
                     rank=args.rank, warmup=args.warmup, steps=steps, threads=args.threads,
-                    ideal=True)
+                    ideal=True, checkpoint_every=args.checkpoint_every)
 
     dim = cfg["num_attention_heads"] * cfg["attention_head_dim"]
     print(f"train_memory: WanTransformer3DModel '{config}' ({cfg['num_layers']} blocks, dim {dim}, "
@@ -399,7 +403,8 @@ def main(argv: list[str] | None = None) -> None:
           f"({'bf16 weights + autocast' if on_cuda else 'float32'}, torch {torch.__version__}, "
           f"{torch.get_num_threads() if args.threads is None else args.threads} threads)")
     print(f"latent {h}x{w} -> {tokens_per_frame} tokens/frame; 1 pair, 512 text tokens; "
-          f"LoRA rank {args.rank}; Reg-DPO loss; {args.warmup} warmup + {steps} timed steps "
+          f"LoRA rank {args.rank}; Reg-DPO loss; optimized path recomputes every "
+          f"{args.checkpoint_every} block(s); {args.warmup} warmup + {steps} timed steps "
           "(min) per config, each config in a fresh process", flush=True)
 
     budget = None if args.budget_gb is None else args.budget_gb * 2**30

@@ -188,17 +188,34 @@ def test_pair_batch_and_gradient_checkpointing_give_the_same_loss_and_grads(tiny
     pairs(store, tiny)
     results = {}
     for name, parallel in (("plain", dict(pair_batch=True)), ("separate", dict(pair_batch=False)),
-                           ("checkpointed", dict(gradient_checkpointing=True))):
+                           ("checkpointed", dict(gradient_checkpointing=True)),
+                           ("selective", dict(gradient_checkpointing=True, checkpoint_every=2))):
         cfg = config(tiny, parallel=parallel, loss=dict(beta=4.0))
         trainer = Trainer(cfg, store, f"runs/{name}")
         perturb_lora(trainer)
         results[name] = loss_and_grads(trainer)
     plain_metrics, plain_grads = results["plain"]
-    assert results["checkpointed"][0] == plain_metrics
-    assert all(torch.equal(a, b) for a, b in zip(results["checkpointed"][1], plain_grads))
+    for name in ("checkpointed", "selective"):
+        assert results[name][0] == plain_metrics
+        assert all(torch.equal(a, b) for a, b in zip(results[name][1], plain_grads))
     metrics, grads = results["separate"]
     assert metrics == pytest.approx(plain_metrics, rel=1e-6, abs=2e-6)
     assert_same_gradient(grads, plain_grads)
+
+
+def test_selective_checkpointing_recomputes_every_kth_block_only(tiny, store) -> None:
+    """checkpoint_every=2 on the 2-block tiny model: block 0 runs under torch.utils.checkpoint
+    (its forward runs again in backward), block 1 does not."""
+    pairs(store, tiny)
+    cfg = config(tiny, parallel=dict(gradient_checkpointing=True, checkpoint_every=2))
+    trainer = Trainer(cfg, store, "runs/selective")
+    calls = [0, 0]
+    for i, block in enumerate(trainer.transformer.blocks):
+        block.register_forward_pre_hook(lambda *_, i=i: calls.__setitem__(i, calls[i] + 1))
+    perturb_lora(trainer)
+    loss_and_grads(trainer)
+    # 2 reference + 2 policy forwards are batched into 1 + 1; block 0 adds its recompute.
+    assert calls == [3, 2]
 
 
 def test_accumulating_2x1_equals_one_batch_of_2(tiny, store) -> None:
