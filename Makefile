@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export HF_HUB_OFFLINE := 1
 
-.PHONY: install demo test toy bench clean
+.PHONY: install demo test toy bench clean vbench-env
 
 install:
 	REGDPO_VENV=$(VENV) scripts/bootstrap.sh
@@ -21,6 +21,12 @@ demo: install toy
 
 test: install
 	$(BIN)/python -m pytest -q -ra
+
+# The isolated VBench env (transformers 4.33, numpy<2, torchvision) the evaluate stage calls as
+# a subprocess; ~5 min and ~6.7 GB here, then cached (a stamp records the pins).
+VBENCH_VENV ?= .venv-vbench
+vbench-env:
+	scripts/vbench_env.sh $(VBENCH_VENV)
 
 bench: install
 	$(BIN)/python benchmarks/curate.py

@@ -1,0 +1,222 @@
+"""evaluate flow: test videos for the base model and every adapter (same seeds, GT spec), scored
+by VBench and/or proxy metrics, reported as the paper's tables (tasks/report.py).
+
+Each video is an item (flows.common.run_items): a re-run, or a restart after a kill, reuses every
+committed video; the proxy scores are items of their own ("evaluate-proxy", keyed on the video
+and the proxy settings), and VBench's results are kept under the digest of what it scored.
+The manifest has one row per generated video (id, status, reason, prompt_id, prompt, ref,
+model, seed, video, per-video metric columns); report.json and chart.png sit beside it.
+"""
+
+from __future__ import annotations
+
+import re
+import tempfile
+import time
+from pathlib import Path
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.cache_policies import NO_CACHE
+
+from flows.common import ITEM_FUNCS, commit_stage, committed_entry, recorded_config, run_items
+from infra.config import NormalizeConfig
+from infra.stage import STAGE_MODULES, input_manifest, item_dir, item_key, stage_dir, stage_key
+from infra.store import Store, digest
+from tasks.evaluate import (
+    BASE, PROXY_PREFIX, EvaluateConfig, adapter_label, check_vbench, generate_one, mean_by_model,
+    proxy_one, run_vbench, held_out_prompts,
+)
+from tasks.report import build_table, markdown, publish_chart
+
+STAGE = "evaluate"
+PROXY = "evaluate-proxy"  # its rows live under items/evaluate-proxy/; keys use the evaluate code
+VBENCH = "evaluate-vbench"
+
+
+def _generate(store: Store, ikey: str, payload: dict) -> dict:
+    return generate_one(store, payload, item_dir(STAGE, ikey))
+
+
+def _proxy(store: Store, ikey: str, payload: dict) -> dict:
+    return proxy_one(store, payload)
+
+
+ITEM_FUNCS[STAGE] = _generate
+ITEM_FUNCS[PROXY] = _proxy
+# The code a test video depends on (the report's code does not: editing it regenerates nothing).
+STAGE_MODULES.setdefault(STAGE, ("tasks.evaluate", "tasks.normalize", "infra.video", "models.wan"))
+
+
+def models_to_compare(st: Store, run: str, cfg: EvaluateConfig) -> tuple[list[dict], dict]:
+    """[{label, adapter}] starting with the base, and the train stage entry (or {})."""
+    models = [{"label": BASE, "adapter": None}]
+    train = ((st.read_run(run) or {}).get("stages") or {}).get("train") or {}
+    if cfg.include_trained and train:
+        row = st.read_manifest(stage_dir("train", train["key"]))[0].to_pylist()[0]
+        models.append({"label": adapter_label(train.get("config") or {}), "adapter": row["adapter"]})
+    for label, uri in cfg.adapters.items():
+        if label in {m["label"] for m in models}:
+            raise ValueError(f"evaluate.adapters label {label!r} is already taken (the trained "
+                             "adapter is labelled by its loss kind); choose another label")
+        models.append({"label": label, "adapter": uri})
+    return models, train
+
+
+def base_spec(cfg: EvaluateConfig, train: dict) -> dict:
+    """The base model (kind, model, dtype, device): the config's, else the train stage's."""
+    tcfg = train.get("config") or {}
+    model, kind = cfg.model or tcfg.get("model"), cfg.kind or tcfg.get("kind")
+    if not model or not kind:
+        raise ValueError("evaluate needs a base model: set evaluate.model and evaluate.kind, or "
+                         "run the train stage first (its model is the base)")
+    device = cfg.generate.device
+    if device is None:
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    return {"kind": kind, "model": model, "dtype": cfg.generate.dtype or tcfg.get("dtype", "bfloat16"),
+            "device": device}
+
+
+@task(name="vbench", cache_policy=NO_CACHE)
+def vbench_scores(store_url: str, rows: list[dict], cfg: EvaluateConfig) -> dict:
+    """VBench over the ok videos, once per set of videos and settings (kept in the store)."""
+    st = Store(store_url)
+    ok = [r for r in rows if r.get("status") == "ok"]
+    key = f"items/{VBENCH}/{digest([[r['id'], r['video']] for r in ok] + [cfg.vbench.model_dump()])}/results.json"
+    if st.exists(key):
+        return st.read_json(key)
+    with tempfile.TemporaryDirectory(prefix="regdpo-vbench-") as tmp:
+        groups: dict[str, list[dict]] = {}
+        for i, r in enumerate(ok):
+            local = Path(tmp) / "in" / f"v{i:05d}.mp4"
+            local.parent.mkdir(parents=True, exist_ok=True)
+            st.get_file(st.key_of(r["video"]), local)
+            groups.setdefault(r["model"], []).append({"name": f"v{i:05d}", "path": str(local),
+                                                       "prompt": r["prompt"], "id": r["id"]})
+        result = run_vbench({m: [{k: v[k] for k in ("name", "path", "prompt")} for v in vs]
+                             for m, vs in groups.items()}, cfg.vbench, tmp)
+        names = {v["name"]: v["id"] for vs in groups.values() for v in vs}
+    for per_model in result["results"].values():
+        for d in per_model.values():
+            d["videos"] = {names[n]: v for n, v in d["videos"].items()}
+    st.write_json(key, result)
+    return result
+
+
+def _merge_vbench(rows: list[dict], result: dict) -> list[dict]:
+    per_video = {}
+    for per_model in result["results"].values():
+        for dim, d in per_model.items():
+            for vid, v in d["videos"].items():
+                per_video.setdefault(vid, {})[f"vbench_{dim}"] = v
+    return [r | per_video.get(r["id"], {}) for r in rows]
+
+
+def build_report(run: str, rows: list[dict], cfg: EvaluateConfig, models: list[str],
+                 tests: list[dict], vbench: dict | None) -> dict:
+    """report.json: one table per evaluator, paper layout (tasks.report.build_table)."""
+    videos = {m: sum(r.get("model") == m and r.get("status") == "ok" for r in rows) for m in models}
+    tables = []
+    if vbench is not None:
+        means = {m: {d: v["score"] for d, v in vbench["results"].get(m, {}).items()} for m in models}
+        tables.append(build_table(means, "vbench", cfg.vbench.dimensions, BASE, cfg.decimals, videos)
+                      | {"vbench_version": vbench.get("vbench"), "device": vbench.get("device")})
+    if "proxy" in cfg.evaluators:
+        dims = [c[len(PROXY_PREFIX):] for c in _proxy_columns(rows)]
+        means = mean_by_model(rows, _proxy_columns(rows), models)
+        means = {m: {c[len(PROXY_PREFIX):]: v for c, v in means[m].items()} for m in models}
+        tables.append(build_table(means, "proxy", dims, BASE, cfg.decimals, videos))
+    return {"run": run, "models": models, "prompts": [t["prompt_id"] for t in tests],
+            "seeds": cfg.generate.seeds, "videos": sum(videos.values()), "tables": tables}
+
+
+def _proxy_columns(rows: list[dict]) -> list[str]:
+    return list(dict.fromkeys(k for r in rows for k in r if k.startswith(PROXY_PREFIX)))
+
+
+def publish(st: Store, run: str, out: str, report: dict) -> dict:
+    """report.json + chart.png in the stage dir, a markdown and a table artifact."""
+    report["chart"] = publish_chart(st, report, f"{out}/chart.png")
+    st.write_json(f"{out}/report.json", report)
+    slug = re.sub(r"[^a-z0-9-]+", "-", f"{run}-evaluate".lower()).strip("-")
+    create_markdown_artifact(key=slug + "-report", markdown=markdown(report),
+                             description=f"evaluation tables of run {run}")
+    for table in report["tables"]:
+        create_table_artifact(
+            key=f"{slug}-{table['evaluator']}",
+            table=[{"method": r["method"], "total_score": r["total_score"],
+                    **{f"{d} ({table['evaluator']})": r["values"][d] for d in table["dimensions"]},
+                    **{f"{d} points": r["points"].get(d) for d in table["dimensions"]}}
+                   for r in table["rows"]],
+            description=f"{table['evaluator'].upper()} table of run {run}"
+                        + (" — proxy metrics, NOT VBench" if table["evaluator"] == "proxy" else ""))
+    return report
+
+
+@flow(name="evaluate", log_prints=True)
+def evaluate(run: str = "toy", config: EvaluateConfig | None = None,
+             store: str = "file://./artifacts") -> dict:
+    """Generate test videos for base and adapters, score them, report the paper's tables."""
+    started, st = time.time(), Store(store)
+    cfg = config or recorded_config(st, run, STAGE, EvaluateConfig)
+    if "vbench" in cfg.evaluators:
+        check_vbench(cfg.vbench)  # before any work: env and every weight file
+    pairs, pairs_success = input_manifest(st, run, "pairs")
+    tests = held_out_prompts(pairs, cfg.generate.max_prompts)
+    models, train = models_to_compare(st, run, cfg)
+    spec = base_spec(cfg, train)
+    norm = recorded_config(st, run, "normalize", NormalizeConfig)
+    # What shapes one video (its seed and prompt are its identity; which seeds and how many
+    # prompts a run asks for is not, so adding a seed reuses every video already made).
+    gen = cfg.generate.model_dump(exclude={"device", "seeds", "max_prompts"})
+    settings = {"generate": gen, "spec": {k: spec[k] for k in ("kind", "model", "dtype")},
+                "normalize": norm.model_dump(exclude={"workers", "caption"})}
+    config_dump = cfg.model_dump(mode="json")
+    key = stage_key(STAGE, {"config": cfg.model_dump(mode="json", exclude={"workers"}),
+                            "settings": settings, "models": models},
+                    digest([pairs_success["manifest_sha256"], train.get("manifest")]))
+    if entry := committed_entry(st, run, STAGE, key, config_dump):
+        return entry
+    work = []
+    for m in models:  # grouped by model: one adapter switch per model
+        for t in tests:
+            for seed in cfg.generate.seeds:
+                vid = f"{t['prompt_id']}-{m['label']}-s{seed}"
+                ikey = item_key(STAGE, {"test": t, "model": m, "seed": seed}, settings)
+                work.append((ikey, vid, {"id": vid, "test": t, "model": m, "seed": seed, "spec": spec,
+                                         "generate": cfg.generate.model_dump(),
+                                         "normalize": norm.model_dump()}))
+    rows = run_items(STAGE, st, work, cfg.workers)
+    rows = [r | {"id": w[2]["id"]} for r, w in zip(rows, work)]
+    if "proxy" in cfg.evaluators:
+        rows = _with_proxy(st, rows, cfg)
+    vbench = None
+    if "vbench" in cfg.evaluators and any(r.get("status") == "ok" for r in rows):
+        vbench = vbench_scores(st.url, rows, cfg)
+        rows = _merge_vbench(rows, vbench)
+    out = stage_dir(STAGE, key)
+    report = publish(st, run, out, build_report(run, rows, cfg, [m["label"] for m in models], tests, vbench))
+    get_run_logger().info("evaluate:\n%s", markdown(report))
+    inputs = {"pairs": pairs_success["manifest"]} | ({"train": train["manifest"]} if train else {})
+    return commit_stage(st.url, run, STAGE, key, rows, config_dump, inputs, started)
+
+
+def _with_proxy(st: Store, rows: list[dict], cfg: EvaluateConfig) -> list[dict]:
+    """Proxy metric columns on every ok video (their own cached items)."""
+    ok = [r for r in rows if r.get("status") == "ok"]
+    proxy = cfg.proxy.model_dump()
+    work = [(item_key(STAGE, {"proxy_of": r["video"]}, proxy), r["id"],
+             {"id": r["id"], "video": r["video"], "proxy": proxy}) for r in ok]
+    scored = {r["id"]: s for r, s in zip(ok, run_items(PROXY, st, work, cfg.workers))}
+    out = []
+    for r in rows:
+        s = scored.get(r["id"])
+        if s is None:
+            out.append(r)
+        elif s.get("status") != "ok":
+            out.append(r | {"proxy_reason": s.get("reason", "")})
+        else:
+            out.append(r | {k: v for k, v in s.items() if k.startswith(PROXY_PREFIX)})
+    return out
