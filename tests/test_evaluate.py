@@ -17,7 +17,7 @@ from PIL import Image
 from infra.config import NormalizeConfig
 from infra.stage import stage_dir
 from infra.store import Store
-from infra.video import decode_frames, probe
+from infra.video import bucket_geometry, decode_frames, probe
 from tasks import vbench_runner
 from tasks.evaluate import (
     EvaluateConfig, VBenchConfig, VBenchSetupError, check_vbench, generation_size, proxy_metrics,
@@ -56,17 +56,20 @@ def _adapter(model: str, out: Path) -> Path:
     return save_lora(transformer, out)
 
 
-def _run(store: Store, model: str, tmp: Path, prompts: int = 2) -> None:
+def _run(store: Store, model: str, tmp: Path, prompts: int = 2, short_edge: int = 32) -> None:
     """Commit what evaluate reads: the normalize config, a pairs test split, a train adapter."""
+    norm = NORMALIZE.model_copy(update={"short_edge": short_edge})
+    geo = bucket_geometry(1920, 1080, ["16:9"], short_edge)  # a 16:9 GT clip at this short edge
+    width, height = geo.out_w, geo.out_h
     store.update_run(RUN, "normalize", {"key": "n0", "manifest": "-", "counts": {},
-                                        "config": NORMALIZE.model_dump()})
+                                        "config": norm.model_dump()})
     rows = []
     for i in range(prompts):
-        ref = np.full((GT_H, GT_W, 3), 40 + 80 * i, np.uint8)
-        ref[:, : GT_W // 2, 0] = 220  # a red half: something for the I2V model to keep
+        ref = np.full((height, width, 3), 40 + 80 * i, np.uint8)
+        ref[:, : width // 2, 0] = 220  # a red half: something for the I2V model to keep
         Image.fromarray(ref).save(tmp / f"ref{i}.png")
         rows.append({"id": f"pair{i}", "status": "ok", "reason": "", "split": "test", "gt_id": f"gt{i}",
-                     "prompt": f"a red cat walks {i}", "width": GT_W, "height": GT_H,
+                     "prompt": f"a red cat walks {i}", "width": width, "height": height,
                      "ref": store.put_file(tmp / f"ref{i}.png", f"fixtures/ref{i}.png")})
     rows.append(dict(rows[0], id="pair0b"))  # a second pair of the same GT clip: one test prompt
     rows.append(dict(rows[1], id="train0", split="train", gt_id="gt9"))
@@ -187,7 +190,7 @@ def test_proxy_metrics_tell_static_moving_and_flicker_apart():
     assert moving["proxy_motion_smoothness"] > flicker["proxy_motion_smoothness"]
     blurred = np.stack([np.asarray(Image.fromarray(f).resize((16, 9)).resize((128, 72))) for f in _clip("static")])
     assert proxy_metrics(blurred, 16.0)["proxy_imaging_quality"] < static["proxy_imaging_quality"]
-    grey = np.full_like(static, 128)
+    grey = np.full_like(_clip("static"), 128)
     assert proxy_metrics(grey, 16.0)["proxy_aesthetic_quality"] < static["proxy_aesthetic_quality"] - 0.3
     assert all(0.0 <= v <= 1.0 for m in (static, moving, flicker) for v in m.values())
 
@@ -230,3 +233,30 @@ def test_vbench_subprocess_end_to_end_with_random_weight_checkpoints(tmp_path):
     # Pixel-level dimensions do not depend on the random weights: a still clip cannot flicker.
     assert result["results"]["still"]["temporal_flickering"]["score"] == pytest.approx(1.0)
     assert result["results"]["noise"]["temporal_flickering"]["score"] < 0.9
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.access(VBENCH_PYTHON, os.X_OK),
+                    reason=f"no vbench env at {VBENCH_PYTHON}: `make vbench-env` (or set REGDPO_VBENCH_PYTHON)")
+def test_evaluate_flow_with_vbench_reports_both_evaluators(prefect_api, tiny_i2v, tmp_path):
+    from flows.evaluate import evaluate
+
+    dims = ["motion_smoothness", "temporal_flickering"]
+    subprocess.run([VBENCH_PYTHON, vbench_runner.__file__, "random-weights", "--cache-dir",
+                    str(tmp_path / "cache"), "--dimensions", ",".join(dims)], capture_output=True, check=True)
+    store = Store(f"file://{tmp_path}/store")
+    _run(store, tiny_i2v, tmp_path, prompts=1, short_edge=64)  # 112x64: AMT's pyramid needs >= 64 px
+    cfg = _config(evaluators=["vbench", "proxy"],
+                  vbench={"python": VBENCH_PYTHON, "cache_dir": str(tmp_path / "cache"), "dimensions": dims,
+                          "device": "cpu"})
+    entry = evaluate(run=RUN, config=cfg, store=store.url)
+    rows = store.read_manifest(stage_dir("evaluate", entry["key"]))[0].to_pylist()
+    assert all(0 <= r["vbench_temporal_flickering"] <= 1 and "proxy_motion_smoothness" in r for r in rows)
+    report = store.read_json(f"{stage_dir('evaluate', entry['key'])}/report.json")
+    vb, px = report["tables"]
+    assert (vb["evaluator"], vb["dimensions"], px["evaluator"]) == ("vbench", dims, "proxy")
+    by = {r["method"]: r for r in vb["rows"]}
+    # The table's values are vbench's own aggregates, here the one video per model.
+    for r in rows:
+        assert by[r["model"]]["values"]["temporal_flickering"] == pytest.approx(r["vbench_temporal_flickering"])
+    assert by["base"]["vbench_quality_score"] is not None and vb["vbench_version"] == "0.1.5"
