@@ -79,6 +79,6 @@ def pairs(run: str = "toy", config: PairsConfig | None = None,
         train = import_annotated(st.url, candidates, cfg.annotated.video_root)
     else:
         train = tp.negative_pairs(clips, negatives, split)
-    rows = tp.test_rows(clips, split) + train
+    rows = tp.held_out_rows(clips, split) + train
     _publish(run, cfg, rows, counts)
     return commit_stage(st.url, run, STAGE, key, rows, config_dump, inputs, started)

@@ -44,7 +44,7 @@ def _pair(clip: dict, pair_id: str, split: Split, **fields) -> dict:
     return base | {k: clip[k] for k in GT_COLUMNS} | fields
 
 
-def test_rows(clips: list[dict], split: dict[str, Split]) -> list[dict]:
+def held_out_rows(clips: list[dict], split: dict[str, Split]) -> list[dict]:
     """One row per held-out clip: its reference frame and prompt, no videos."""
     return [_pair(c, f"{c['id']}.test", "test") for c in clips if split[c["id"]] == "test"]
 

@@ -291,6 +291,11 @@ def precompute_pair(store: Store, row: dict, cfg: PrecomputeConfig, text_key: st
 
 def check_encoders(spec: wan.WanSpec, model_config: dict) -> None:
     """Fail before encoding anything when the encoders cannot feed this transformer."""
+    in_channels, image_dim = model_config["in_channels"], model_config.get("image_dim")
+    if in_channels != (16 if spec.kind == "t2v" else 36) or bool(image_dim) != (spec.kind == "i2v"):
+        raise ValueError(f"model {spec.model!r} does not fit kind {spec.kind!r}: its transformer "
+                         f"has in_channels={in_channels}, image_dim={image_dim}; fix "
+                         "precompute.kind (train.kind) or the model")
     problems = []
     z_dim = wan.component_config(spec, "vae").get("z_dim")
     if z_dim != model_config["out_channels"]:
