@@ -235,8 +235,8 @@ class GatheredKVAttnProcessor:
         self.group = group
         self._attention_backend = getattr(inner, "_attention_backend", None)
 
-    def __call__(self, attn: Any, hidden_states: Tensor, encoder_hidden_states: Tensor | None = None,
-                 attention_mask: Tensor | None = None,
+    def __call__(self, attn: Any, hidden_states: Tensor,
+                 encoder_hidden_states: Tensor | None = None, attention_mask: Tensor | None = None,
                  rotary_emb: tuple[Tensor, Tensor] | None = None) -> Tensor:
         from diffusers.models.attention_dispatch import dispatch_attention_fn
         from diffusers.models.transformers.transformer_wan import _get_qkv_projections

@@ -16,7 +16,8 @@ the one-process switches, tests/test_distributed.py for the multi-rank ones):
 - pair_parallel          the win side of each pair on one rank, the lose side on its partner,
                          exchanging only the per-sample errors;
 and, across what is left of the world, data parallelism: each rank group trains on its own
-slice of the micro-batch (infra.distributed.Layout).
+slice of the micro-batch (infra.distributed.Layout). With lora.dropout > 0 the multi-rank layouts
+draw other (equally distributed) dropout masks than one process: equal in law, not bit for bit.
 """
 
 from __future__ import annotations

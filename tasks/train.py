@@ -445,7 +445,8 @@ class MetricsLog:
     growing file every step would be quadratic I/O in the training loop."""
 
     def __init__(self, store: Store, out: str, local_dir: str | None, sync_s: float = 30.0):
-        self.store, self.key, self.tb_key = store, f"{out}/{METRICS_FILE}", f"{out}/{TENSORBOARD_DIR}"
+        self.store, self.key = store, f"{out}/{METRICS_FILE}"
+        self.tb_key = f"{out}/{TENSORBOARD_DIR}"
         self.sync_s, self.synced_at = sync_s, 0.0
         self.temporary = local_dir is None
         self.local = Path(local_dir or tempfile.mkdtemp(prefix="regdpo-train-"))
