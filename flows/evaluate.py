@@ -45,7 +45,8 @@ def _proxy(store: Store, ikey: str, payload: dict) -> dict:
 ITEM_FUNCS[STAGE] = _generate
 ITEM_FUNCS[PROXY] = _proxy
 # The code a test video depends on (the report's code does not: editing it regenerates nothing).
-STAGE_MODULES.setdefault(STAGE, ("tasks.evaluate", "tasks.normalize", "infra.video", "models.wan"))
+STAGE_MODULES.setdefault(STAGE, ("tasks.evaluate", "tasks.negatives", "tasks.normalize", "infra.video",
+                                 "models.wan"))
 
 
 def models_to_compare(st: Store, run: str, cfg: EvaluateConfig) -> tuple[list[dict], dict]:

@@ -8,8 +8,9 @@ Plain functions, no Prefect: flows/evaluate.py maps them over items and commits 
   clips: prompt, ref = frame-0 PNG URI, width/height of the GT clip).
 - Models: "base" (the frozen model, LoRA disabled), the run's trained adapter (labelled by its
   loss kind, e.g. "regdpo"), and any extra adapters the config names.
-- One video per (prompt, model, seed), generated at the GT aspect bucket, then put through
-  tasks.normalize.normalize_file (the one normalize path) to the exact GT size, fps and frames.
+- One video per (prompt, model, seed), generated at the GT aspect bucket, then brought to the
+  exact GT size, fps and frames by tasks.negatives.renormalize (normalize_file, the one
+  normalize path), as the GT-Pair negatives are.
 """
 
 from __future__ import annotations
@@ -30,9 +31,9 @@ from pydantic import Field, field_validator
 
 from infra.config import NormalizeConfig, Section
 from infra.store import Store, safe_part
-from infra.video import bucket_geometry, decode_frames, file_url, nearest_bucket, probe, run_ffmpeg
+from infra.video import bucket_geometry, decode_frames, nearest_bucket, probe
 from tasks import vbench_runner
-from tasks.normalize import NormalizeReject, normalize_file
+from tasks.normalize import NormalizeReject
 from tasks.report import DIMENSIONS
 
 BASE = "base"
@@ -121,14 +122,17 @@ class EvaluateConfig(Section):
 
 
 def held_out_prompts(rows: list[dict], max_prompts: int | None = None) -> list[dict]:
-    """The held-out test prompts of a pairs manifest, one per GT clip (first row wins)."""
+    """The held-out test prompts of a pairs manifest, one per GT clip (first row wins), with the
+    GT clip's spec (tasks.pairs GT_COLUMNS: bucket, width, height, fps, frames) where present."""
     seen: dict[str, dict] = {}
     for r in rows:
         if r.get("split") != "test" or r.get("status", "ok") != "ok":
             continue
         pid = str(r.get("prompt_id") or r.get("gt_id") or r["id"])
-        seen.setdefault(pid, {"prompt_id": pid, "prompt": r["prompt"], "ref": r.get("ref"),
-                              "width": int(r["width"]), "height": int(r["height"])})
+        seen.setdefault(pid, {"prompt_id": pid, "prompt": r["prompt"],
+                              "ref": r.get("ref") or r.get("ref_image"),
+                              "width": int(r["width"]), "height": int(r["height"]),
+                              **{k: r[k] for k in ("bucket", "fps", "frames") if r.get(k)}})
     tests = list(seen.values())[:max_prompts] if max_prompts else list(seen.values())
     if not tests:
         raise LookupError("the pairs manifest has no rows with split == 'test': the evaluate "
@@ -210,22 +214,11 @@ def sample_frames(pipe, kind: str, prompt: str, image, seed: int, width: int, he
     return (np.clip(np.asarray(video, dtype=np.float32), 0, 1) * 255).round().astype(np.uint8)
 
 
-def write_video(frames: np.ndarray, fps: float, path: str) -> str:
-    """Frames to a lossless H.264 file (the input of normalize_file, which sets the GT spec)."""
-    n, h, w, _ = frames.shape
-    raw = f"{path}.rgb"
-    frames.tofile(raw)
-    run_ffmpeg([os.environ.get("REGDPO_FFMPEG", "ffmpeg"), "-v", "error", "-nostdin", "-y",
-                "-f", "rawvideo", "-pix_fmt", "rgb24", "-s", f"{w}x{h}", "-framerate", f"{fps:g}",
-                "-i", file_url(raw), "-c:v", "libx264", "-qp", "0", "-preset", "ultrafast",
-                "-pix_fmt", "yuv444p", file_url(path)])
-    os.unlink(raw)
-    return path
-
-
 def generate_one(store: Store, payload: dict, out_dir: str) -> dict:
-    """Generate, normalize to the GT spec, store one test video; returns its manifest row."""
+    """Generate, bring to the GT clip's exact spec, store one test video; returns its row."""
     from PIL import Image
+
+    from tasks.negatives import renormalize  # the negatives' own path back to the GT spec
 
     t, m = payload["test"], payload["model"]
     cfg = GenerateConfig.model_validate(payload["generate"])
@@ -233,32 +226,30 @@ def generate_one(store: Store, payload: dict, out_dir: str) -> dict:
     spec, seed = payload["spec"], payload["seed"]
     row = {"id": payload["id"], "prompt_id": t["prompt_id"], "prompt": t["prompt"], "ref": t["ref"],
            "model": m["label"], "adapter": m["adapter"], "seed": seed}
-    bucket, gw, gh = generation_size(t["width"], t["height"], norm.buckets, cfg.short_edge)
-    frames_n = cfg.num_frames or norm.frames
-    device = spec["device"]
+    bucket, gw, gh = generation_size(t["width"], t["height"], [t["bucket"]] if t.get("bucket") else norm.buckets,
+                                     cfg.short_edge)
+    clip = {"width": t["width"], "height": t["height"], "bucket": bucket,
+            "frames": t.get("frames") or norm.frames}
+    frames_n = cfg.num_frames or clip["frames"]
     started = time.time()
+    image = None
+    if spec["kind"] != "t2v":
+        if not t["ref"]:
+            return row | {"status": "failed", "reason": "I2V test prompt has no ref image"}
+        with store.local_copy(store.key_of(t["ref"])) as ref, Image.open(ref) as im:
+            image = im.convert("RGB")
+    with _LOCK:
+        pipe = _pipeline(spec["kind"], spec["model"], spec["dtype"], spec["device"])
+        _select_model(pipe, store, m["label"], m["adapter"])
+        frames = sample_frames(pipe, spec["kind"], t["prompt"], image, seed, gw, gh, frames_n,
+                               cfg, spec["device"])
+    gt = norm.model_copy(update={"fps": t.get("fps") or norm.fps})
     with tempfile.TemporaryDirectory(prefix="regdpo-eval-") as tmp:
-        image = None
-        if spec["kind"] != "t2v":
-            if not t["ref"]:
-                return row | {"status": "failed", "reason": "I2V test prompt has no ref image"}
-            with store.local_copy(store.key_of(t["ref"])) as ref, Image.open(ref) as im:
-                image = im.convert("RGB")
-        with _LOCK:
-            pipe = _pipeline(spec["kind"], spec["model"], spec["dtype"], device)
-            _select_model(pipe, store, m["label"], m["adapter"])
-            frames = sample_frames(pipe, spec["kind"], t["prompt"], image, seed, gw, gh, frames_n,
-                                   cfg, device)
-        raw = write_video(frames, norm.fps, os.path.join(tmp, "raw.mp4"))
-        gt_norm = norm.model_copy(update={"buckets": [bucket], "short_edge": min(t["width"], t["height"])})
         video = os.path.join(tmp, "video.mp4")
         try:
-            out = normalize_file(raw, probe(raw), gt_norm, video, os.path.join(tmp, "frame0.png"))
-        except NormalizeReject as e:
+            out = renormalize(frames, clip, gt, video)
+        except (NormalizeReject, RuntimeError) as e:
             return row | {"status": "failed", "reason": f"generated video misses the GT spec: {e}"}
-        if (out["width"], out["height"]) != (t["width"], t["height"]):
-            return row | {"status": "failed", "reason": f"normalized to {out['width']}x{out['height']}, "
-                          f"GT is {t['width']}x{t['height']}"}
         uri = store.put_file(video, f"{out_dir}/video.mp4")
     return row | {"status": "ok", "reason": "", "video": uri, "width": out["width"],
                   "height": out["height"], "fps": out["fps"], "frames": out["frames"],

@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
@@ -18,10 +19,11 @@ from infra.config import NormalizeConfig
 from infra.stage import stage_dir
 from infra.store import Store
 from infra.video import bucket_geometry, decode_frames, probe
+from tasks.negatives import write_video
 from tasks import vbench_runner
 from tasks.evaluate import (
     EvaluateConfig, VBenchConfig, VBenchSetupError, check_vbench, generation_size, proxy_metrics,
-    run_vbench, held_out_prompts, write_video,
+    run_vbench, held_out_prompts,
 )
 
 RUN = "ev"
@@ -70,7 +72,8 @@ def _run(store: Store, model: str, tmp: Path, prompts: int = 2, short_edge: int 
         Image.fromarray(ref).save(tmp / f"ref{i}.png")
         rows.append({"id": f"pair{i}", "status": "ok", "reason": "", "split": "test", "gt_id": f"gt{i}",
                      "prompt": f"a red cat walks {i}", "width": width, "height": height,
-                     "ref": store.put_file(tmp / f"ref{i}.png", f"fixtures/ref{i}.png")})
+                     "bucket": "16:9", "fps": 16.0, "frames": GT_FRAMES,
+                     "ref_image": store.put_file(tmp / f"ref{i}.png", f"fixtures/ref{i}.png")})
     rows.append(dict(rows[0], id="pair0b"))  # a second pair of the same GT clip: one test prompt
     rows.append(dict(rows[1], id="train0", split="train", gt_id="gt9"))
     success = store.commit_manifest(stage_dir("pairs", "p0"), rows, {"stage": "pairs"})
@@ -220,7 +223,7 @@ def test_vbench_subprocess_end_to_end_with_random_weight_checkpoints(tmp_path):
     groups = {}
     for name, frames in (("still", still), ("noise", noise)):
         path = str(tmp_path / f"{name}.mp4")
-        write_video(frames, 16.0, path)
+        write_video(frames, Fraction(16), path, "rgb24", ["-c:v", "libx264", "-qp", "0"])
         groups[name] = [{"name": f"v_{name}", "path": path, "prompt": name}]
     work = tmp_path / "work"
     work.mkdir()
