@@ -301,7 +301,7 @@ class NegativesConfig(Section):
     local: LocalCorruptConfig = LocalCorruptConfig()
     seed: int = Field(0, ge=0, description="per-item seeds derive from (seed, clip, generator)")
     device: str | None = Field(None, description="torch device; None = cuda if available")
-    workers: int = Field(1, ge=1, description="items in flight: inference is serialized per "
+    workers: int = Field(2, ge=1, description="items in flight: inference is serialized per "
                          "model, renormalizing and uploading overlap with it")
 
     @model_validator(mode="after")
