@@ -105,7 +105,8 @@ def _generator_rows(st: Store, cfg: NegativesConfig, gen: GeneratorConfig, clips
         work = []
         for batch in _batches(pending, gen.batch_size):
             clips_payload = [u | {"prompt_key": keys[u["clip"]["prompt"]]} for u in batch]
-            label = f"{gen.name}:{batch[0]['clip']['id']}" + (f"+{len(batch) - 1}" if len(batch) > 1 else "")
+            more = f"+{len(batch) - 1}" if len(batch) > 1 else ""
+            label = f"{gen.name}:{batch[0]['clip']['id']}{more}"
             work.append((digest([u["ikey"] for u in batch], 32), label,
                          payload | {"id": label, "clips": clips_payload}))
         try:

@@ -149,6 +149,28 @@ def test_a_failed_item_becomes_a_row_and_only_it_is_retried(prefect_api, tiny, t
 
 
 @pytest.mark.slow
+def test_t2v_batches_fall_back_to_single_clips_when_one_fails(prefect_api, tiny, tmp_path):
+    """batch_size 2 groups the two 16:9 clips into one pipeline call; a clip whose prompt
+    embedding is unreadable sinks that call, so each clip is retried alone: one fails, the
+    other is committed."""
+    from flows.negatives import negatives
+    from models.wan import WanSpec
+    from tasks.precompute import prompt_key
+
+    url = f"file://{tmp_path}/store"
+    clips = commit_gt_run(url, "batch", n=4)  # sizes 16:9, 9:16, 1:1, 16:9
+    gen = generator(tiny, "t2v", batch_size=2)
+    st = Store(url)
+    st.write_bytes(prompt_key(WanSpec("t2v", gen.model, gen.dtype), clips[3]["prompt"]), b"junk")
+    entry = negatives("batch", NegativesConfig(generators=[gen]), url)
+    assert entry["counts"] == {"ok": 3, "rejected": 0, "failed": 1}
+    rows = {r["gt_id"]: r for r in _rows(url, "batch")[0]}
+    assert rows[clips[3]["id"]]["status"] == "failed"
+    assert clips[3]["id"] in rows[clips[3]["id"]]["reason"]
+    assert rows[clips[0]["id"]]["status"] == "ok", "the batch mate is committed on its own"
+
+
+@pytest.mark.slow
 def test_local_corrupt_stores_the_mask_at_latent_and_pixel_resolution(prefect_api, tiny, tmp_path):
     from flows.negatives import negatives
     from tasks.negatives import read_mask
