@@ -224,7 +224,7 @@ def renormalize(frames: np.ndarray, clip: dict, gt: NormalizeConfig, out_video: 
     spec = gt.model_copy(update={"buckets": [clip["bucket"]],
                                  "short_edge": min(clip["width"], clip["height"])})
     with tempfile.TemporaryDirectory(prefix="regdpo-neg-") as tmp:
-        raw = os.path.join(tmp, "generated.mp4")
+        raw = os.path.join(tmp, "generated.mp4")  # lossless RGB
         write_video(frames, rate, raw, "rgb24", ["-c:v", "libx264rgb", "-crf", "0",
                                                  "-preset", "ultrafast"])
         out = normalize_file(raw, probe(raw), spec, out_video, os.path.join(tmp, "ref.png"))
