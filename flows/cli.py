@@ -46,12 +46,12 @@ def toy_data(
     out: str = typer.Argument(..., help="folder to write clips/, captions.csv, edge/ and models/ into"),
     edge_cases: bool = typer.Option(True, help="also write hostile/odd inputs into edge/"),
 ) -> None:
-    """Generate toy clips (clean + one of each rejection kind) with ffmpeg's lavfi sources."""
-    from models.captioner import build_tiny_captioner
-    from tasks.toy_data import make_toy_data
+    """Generate toy clips (clean + one of each rejection kind) with ffmpeg's lavfi sources, and
+    the tiny random-weight models the toy config loads (captioner, Wan2.1 I2V)."""
+    from tasks.toy_data import make_toy_data, make_toy_models
 
     path = make_toy_data(out, edge_cases=edge_cases)
-    build_tiny_captioner(os.path.join(out, "models", "tiny-blip"))
+    make_toy_models(out)
     typer.echo(f"toy data in {path}")
 
 
@@ -60,21 +60,30 @@ def report(
     run_name: str = typer.Option(..., "--run", help="run name"),
     store: str = typer.Option(os.environ.get("REGDPO_STORE", "file://./artifacts"), help="artifact store URL"),
 ) -> None:
-    """Print a run's stage summaries (counts by status and reason)."""
+    """Print a run's stage summaries, its evaluation tables (paper Tables 2/5/6) and GSB tallies."""
     from infra.stage import stage_dir
     from infra.store import Store
+    from tasks.gsb.ratings import GSBError, markdown_table, run_tally
+    from tasks.report import STAGE_ORDER, render_report
 
     st = Store(store)
-    index = st.read_run(run_name)
-    if index is None:
-        _fail(f"no run {run_name!r} in {st.url} (runs/{run_name}/run.json is missing)")
-    typer.echo(f"run {run_name}  (store {st.url}, updated {index.get('updated_at')})")
-    for stage, entry in index["stages"].items():
-        success = st.read_success(stage_dir(stage, entry["key"]))
-        typer.echo(f"\n{stage}: {success['counts']}  computed {success['computed']}, reused "
-                   f"{success['reused']}, {success['seconds']} s\n  manifest {success['manifest']}")
-        for row in success["by_reason"]:
+    try:
+        typer.echo(render_report(st, run_name))
+    except LookupError as e:
+        _fail(str(e))
+    stages = st.read_run(run_name)["stages"]
+    for stage in sorted(stages, key=lambda s: STAGE_ORDER.index(s) if s in STAGE_ORDER else 99):
+        success = st.read_success(stage_dir(stage, stages[stage]["key"]))
+        not_ok = [r for r in success["by_reason"] if r["status"] != "ok"]
+        typer.echo(f"\n{stage}: computed {success['computed']}, reused {success['reused']}, "
+                   f"{success['seconds']} s")
+        for row in not_ok:
             typer.echo(f"  {row['status']:9s} {row['count']:5d}  {row['reason']}")
+    if st.list(f"runs/{run_name}/gsb/ratings"):
+        try:
+            typer.echo("\nGSB (human ratings)\n" + markdown_table(run_tally(st, run_name)))
+        except GSBError as e:
+            typer.echo(f"\nGSB: {e}")
 
 
 gsb_app = typer.Typer(no_args_is_help=True, help="GSB human rating of a run's evaluate videos (paper §4.1).")

@@ -21,7 +21,7 @@ from prefect.cache_policies import NO_CACHE
 
 from flows.common import ITEM_FUNCS, commit_stage, committed_entry, recorded_config, run_items
 from infra.config import NormalizeConfig
-from infra.stage import STAGE_MODULES, input_manifest, item_dir, item_key, stage_dir, stage_key
+from infra.stage import input_manifest, item_dir, item_key, stage_dir, stage_key
 from infra.store import Store, digest
 from tasks.evaluate import (
     BASE, PROXY_PREFIX, EvaluateConfig, adapter_label, check_vbench, generate_one, mean_by_model,
@@ -44,9 +44,6 @@ def _proxy(store: Store, ikey: str, payload: dict) -> dict:
 
 ITEM_FUNCS[STAGE] = _generate
 ITEM_FUNCS[PROXY] = _proxy
-# The code a test video depends on (the report's code does not: editing it regenerates nothing).
-STAGE_MODULES.setdefault(STAGE, ("tasks.evaluate", "tasks.negatives", "tasks.normalize", "infra.video",
-                                 "models.wan"))
 
 
 def models_to_compare(st: Store, run: str, cfg: EvaluateConfig) -> tuple[list[dict], dict]:

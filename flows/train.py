@@ -52,6 +52,11 @@ def pairs_dir(st: Store, run: str, cfg: TrainConfig, pairs: str | None) -> str:
     return stage_dir("precompute", entry["key"])
 
 
+def _run_precompute(st: Store, run: str) -> str | None:
+    entry = ((st.read_run(run) or {}).get("stages") or {}).get("precompute")
+    return stage_dir("precompute", entry["key"]) if entry else None
+
+
 @task(name="train-loop", cache_policy=NO_CACHE)
 def train_adapter(cfg: TrainConfig, store_url: str, out: str, nproc: int = 1) -> dict:
     """Train (or resume) into `out`, in this process or `nproc` torchrun ones; counts and URIs."""
@@ -170,6 +175,8 @@ def train(run: str = "toy", config: TrainConfig | dict | None = None,
     publish(run, outputs, rows)
     row = {"id": "adapter", "status": "ok", "reason": "", **outputs,
            "collapse_steps": sum(bool(r.get("collapse")) for r in rows), "flow_run": _flow_run_id()}
+    # Named "precompute" when it is the run's own pre-encoded pairs (the report checks staleness).
+    source = "precompute" if data == _run_precompute(st, run) else "pairs_dataset"
     entry = commit_stage(st.url, run, STAGE, key, [row], config_dump,
-                         {"pairs": data_success["manifest"]}, started)
+                         {source: data_success["manifest"]}, started)
     return entry | {k: outputs[k] for k in ("adapter", "metrics", "tensorboard", "fig2")}

@@ -396,6 +396,8 @@ class RunConfig(Section):
     precompute: PrecomputeConfig = PrecomputeConfig()
     train: Any = Field(None, description="the train stage: a tasks.train.TrainConfig, or None "
                        "when the run does not train")
+    evaluate: Any = Field(None, description="the evaluate stage: a tasks.evaluate.EvaluateConfig, "
+                          "or None when the run does not evaluate")
 
     @field_validator("train", mode="before")
     @classmethod
@@ -408,6 +410,16 @@ class RunConfig(Section):
         from tasks.train import TrainConfig
 
         return TrainConfig.model_validate(v)
+
+    @field_validator("evaluate", mode="before")
+    @classmethod
+    def _evaluate(cls, v: Any) -> Any:
+        # Lazily, like `train`: tasks.evaluate imports tasks.normalize, which imports this module.
+        if v is None:
+            return None
+        from tasks.evaluate import EvaluateConfig
+
+        return EvaluateConfig.model_validate(v)
 
     @field_validator("name")
     @classmethod

@@ -28,7 +28,9 @@ STAGE_MODULES: dict[str, tuple[str, ...]] = {
     "pairs": ("tasks.pairs",),
     "precompute": ("tasks.precompute", "models.wan"),
     "train": ("tasks.train", "losses.preference", "losses.errors", "models.wan", "infra.parallel",
-              "infra.checkpoint"),
+              "infra.distributed", "infra.checkpoint"),
+    # The code a test video depends on (the report's code does not: editing it regenerates nothing).
+    "evaluate": ("tasks.evaluate", "tasks.negatives", "tasks.normalize", "infra.video", "models.wan"),
 }
 
 

@@ -219,6 +219,20 @@ STAGE_ORDER = ("acquire", "filter", "normalize", "negatives", "pairs", "precompu
                "evaluate")
 
 
+def stale_stages(store: Store, stages: dict) -> dict[str, list[str]]:
+    """Stages whose committed output was built from another manifest of an input stage than the
+    one the run now records (e.g. `train` re-run alone: `evaluate` still scores the old adapter).
+    stage -> the input stages that moved on."""
+    stale: dict[str, list[str]] = {}
+    for name, entry in stages.items():
+        inputs = store.read_success(stage_dir(name, entry["key"])).get("inputs") or {}
+        moved = [k for k, uri in inputs.items()
+                 if k in stages and isinstance(uri, str) and stages[k].get("manifest") != uri]
+        if moved:
+            stale[name] = moved
+    return stale
+
+
 def render_report(store: Store, run: str) -> str:
     """Markdown of every committed stage of `run` (counts, manifest) and the evaluation tables."""
     index = store.read_run(run)
@@ -227,11 +241,14 @@ def render_report(store: Store, run: str) -> str:
                           f"`regdpo run CONFIG --run {run}` first (or pass the right --store)")
     stages = index.get("stages", {})
     lines = [f"# Run `{run}`", f"store: {store.url} · updated {index.get('updated_at', '?')}", "",
-             "| stage | ok | rejected | failed | manifest |", "|---|---|---|---|---|"]
+             "| stage | ok | rejected | failed | manifest | note |", "|---|---|---|---|---|---|"]
+    stale = stale_stages(store, stages)
     for name in sorted(stages, key=lambda s: (STAGE_ORDER.index(s) if s in STAGE_ORDER else 99, s)):
         counts = stages[name].get("counts") or {}
+        note = (f"stale: built from an older {', '.join(stale[name])} output; re-run {name}"
+                if name in stale else "")
         lines.append(f"| {name} | {counts.get('ok', 0)} | {counts.get('rejected', 0)} | "
-                     f"{counts.get('failed', 0)} | {stages[name].get('manifest', '')} |")
+                     f"{counts.get('failed', 0)} | {stages[name].get('manifest', '')} | {note} |")
     text = "\n".join(lines) + "\n"
     if "evaluate" in stages:
         report_key = f"{stage_dir('evaluate', stages['evaluate']['key'])}/report.json"

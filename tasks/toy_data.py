@@ -142,6 +142,18 @@ def make_edge_cases(out: Path) -> dict[str, Path]:
     return p
 
 
+def make_toy_models(out: str | os.PathLike) -> Path:
+    """models/tiny-blip (captioner) and models/tiny-wan-i2v (a random-weight Wan2.1 I2V in the
+    diffusers layout): what configs/toy.yaml loads instead of real weights."""
+    from models.captioner import build_tiny_captioner
+    from models.wan import build_tiny
+
+    models = Path(out) / "models"
+    build_tiny_captioner(models / "tiny-blip")
+    build_tiny("i2v", models / "tiny-wan-i2v")
+    return models
+
+
 def make_toy_data(out: str | os.PathLike, edge_cases: bool = True) -> Path:
     """Write clips/ (clean + one of each rejection kind), captions.csv, and edge/ cases."""
     out = Path(out)

@@ -211,13 +211,13 @@ def prefect_api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
 
 @pytest.fixture(scope="session")
 def toy_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """clips/ (clean + one of each rejection kind), captions.csv, edge/, models/tiny-blip."""
-    from models.captioner import build_tiny_captioner
-    from tasks.toy_data import make_toy_data
+    """clips/ (clean + one of each rejection kind), captions.csv, edge/, models/ (tiny-blip,
+    tiny-wan-i2v): what `regdpo toy-data` writes."""
+    from tasks.toy_data import make_toy_data, make_toy_models
 
     out = tmp_path_factory.mktemp("toy")
     make_toy_data(out, edge_cases=True)
-    build_tiny_captioner(out / "models" / "tiny-blip")
+    make_toy_models(out)
     return out
 
 

@@ -79,4 +79,4 @@ def test_cli_rejects_a_bad_config_with_exit_2(tmp_path):
 def test_cli_report_names_a_missing_run(tmp_path):
     out = subprocess.run([sys.executable, "-m", "flows.cli", "report", "--run", "nope",
                           "--store", f"file://{tmp_path}"], cwd=REPO, capture_output=True, text=True, timeout=120)
-    assert out.returncode == 2 and "no run 'nope'" in out.stderr
+    assert out.returncode == 2 and "run 'nope' has no runs/nope/run.json" in out.stderr

@@ -4,7 +4,9 @@ started the way the UI starts them (a flow run of a deployment, polled through t
 
 1. `curate` for run "ui" over the toy clips -> a committed normalize manifest with ok rows;
 2. the single `filter` deployment for the same run, config left empty (the UI's default):
-   it reuses the run's recorded config, does no new work and leaves the other stages alone.
+   it reuses the run's recorded config, does no new work and leaves the other stages alone;
+3. the `negatives` deployment, on the `gpu` pool's own worker, for the same run: it reads the
+   curated GT clips from the run index and commits one negative per clip.
 """
 
 from __future__ import annotations
@@ -230,10 +232,14 @@ def test_ui_path_curate_then_rerun_one_stage(prefect_server: Prefect, toy_dir: P
 
     # Infrastructure and deployments exactly as an operator sets them up (prefect.yaml).
     pf.cli("work-pool", "create", "cpu", "--type", "process")
+    pf.cli("work-pool", "create", "gpu", "--type", "process")
     pf.cli("deploy", "--all")
     deployments = {d["name"]: d for d in pf.http("POST", "/deployments/filter", {})}
-    assert set(deployments) >= {"acquire", "filter", "normalize", "curate", "pipeline"}, sorted(deployments)
-    assert all(d["work_pool_name"] == "cpu" for d in deployments.values())
+    gpu_stages = {"negatives", "precompute", "train", "evaluate"}
+    assert set(deployments) == {"acquire", "filter", "normalize", "pairs", "curate", "pipeline"} | gpu_stages
+    assert {n: d["work_pool_name"] for n, d in deployments.items()} == {
+        n: "gpu" if n in gpu_stages else "cpu" for n in deployments}
+    assert deployments["train"]["parameters"] == {"run": "toy", "store": "file://./artifacts", "nproc": 1}
     assert deployments["filter"]["parameters"] == {"run": "toy", "store": "file://./artifacts"}
     assert deployments["filter"]["pull_steps"] == [
         {"prefect.deployments.steps.set_working_directory": {"directory": str(REPO)}}]
@@ -275,3 +281,16 @@ def test_ui_path_curate_then_rerun_one_stage(prefect_server: Prefect, toy_dir: P
     assert "inputs and config unchanged" in logs, logs
     items = pf.http("POST", "/task_runs/filter", {"flow_runs": {"id": {"any_": [run_id]}}})
     assert not [t["name"] for t in items if t["name"].startswith("filter:")], "filter re-ran items"
+
+    # 3. A GPU-pool stage from its own deployment and worker: negatives for run "ui".
+    gpu_worker = _spawn([PREFECT, "worker", "start", "--pool", "gpu", "--name", "test-gpu-worker"],
+                        pf.env, pf.logs / "gpu-worker.log")
+    pf.procs.append(gpu_worker)
+    negatives = {"generators": [{"name": "tiny-i2v", "model": str(toy_dir / "models" / "tiny-wan-i2v"),
+                                 "kind": "i2v", "dtype": "float32", "steps": 2, "short_edge": 32,
+                                 "frames": 5}]}
+    run_id = pf.run_deployment("negatives/negatives", {"run": "ui", "store": store_url, "config": negatives})
+    pf.wait_flow_run(run_id)
+    final = store.read_run("ui")
+    assert {stage: final["stages"][stage]["key"] for stage in keys} == keys
+    assert final["stages"]["negatives"]["counts"] == {"ok": len(ok), "rejected": 0, "failed": 0}
