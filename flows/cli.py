@@ -62,7 +62,7 @@ def report(
 ) -> None:
     """Print a run's stage summaries, its evaluation tables (paper Tables 2/5/6) and GSB tallies."""
     from infra.stage import stage_dir
-    from infra.store import Store
+    from infra.store import NotCommittedError, Store
     from tasks.gsb.ratings import GSBError, markdown_table, run_tally
     from tasks.report import STAGE_ORDER, render_report
 
@@ -73,7 +73,10 @@ def report(
         _fail(str(e))
     stages = st.read_run(run_name)["stages"]
     for stage in sorted(stages, key=lambda s: STAGE_ORDER.index(s) if s in STAGE_ORDER else 99):
-        success = st.read_success(stage_dir(stage, stages[stage]["key"]))
+        try:
+            success = st.read_success(stage_dir(stage, stages[stage]["key"]))
+        except NotCommittedError:
+            continue  # the table above says so
         not_ok = [r for r in success["by_reason"] if r["status"] != "ok"]
         typer.echo(f"\n{stage}: computed {success['computed']}, reused {success['reused']}, "
                    f"{success['seconds']} s")

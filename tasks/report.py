@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Iterable
 
 from infra.stage import stage_dir
-from infra.store import Store
+from infra.store import NotCommittedError, Store
 
 # The paper's six VBench dimensions, in its column order, with its column headings.
 DIMENSIONS: tuple[str, ...] = (
@@ -219,18 +219,22 @@ STAGE_ORDER = ("acquire", "filter", "normalize", "negatives", "pairs", "precompu
                "evaluate")
 
 
-def stale_stages(store: Store, stages: dict) -> dict[str, list[str]]:
-    """Stages whose committed output was built from another manifest of an input stage than the
-    one the run now records (e.g. `train` re-run alone: `evaluate` still scores the old adapter).
-    stage -> the input stages that moved on."""
-    stale: dict[str, list[str]] = {}
+def stage_notes(store: Store, stages: dict) -> dict[str, str]:
+    """What is off with a stage the run index names: not committed, or stale — built from
+    another output of an input stage than the one the run now records (e.g. `train` re-run
+    alone leaves `evaluate` scoring the previous adapter)."""
+    notes: dict[str, str] = {}
     for name, entry in stages.items():
-        inputs = store.read_success(stage_dir(name, entry["key"])).get("inputs") or {}
+        try:
+            inputs = store.read_success(stage_dir(name, entry["key"])).get("inputs") or {}
+        except NotCommittedError:
+            notes[name] = f"not committed: re-run {name}"
+            continue
         moved = [k for k, uri in inputs.items()
                  if k in stages and isinstance(uri, str) and stages[k].get("manifest") != uri]
         if moved:
-            stale[name] = moved
-    return stale
+            notes[name] = f"stale: built from an older {', '.join(moved)} output; re-run {name}"
+    return notes
 
 
 def render_report(store: Store, run: str) -> str:
@@ -242,11 +246,10 @@ def render_report(store: Store, run: str) -> str:
     stages = index.get("stages", {})
     lines = [f"# Run `{run}`", f"store: {store.url} · updated {index.get('updated_at', '?')}", "",
              "| stage | ok | rejected | failed | manifest | note |", "|---|---|---|---|---|---|"]
-    stale = stale_stages(store, stages)
+    notes = stage_notes(store, stages)
     for name in sorted(stages, key=lambda s: (STAGE_ORDER.index(s) if s in STAGE_ORDER else 99, s)):
         counts = stages[name].get("counts") or {}
-        note = (f"stale: built from an older {', '.join(stale[name])} output; re-run {name}"
-                if name in stale else "")
+        note = notes.get(name, "")
         lines.append(f"| {name} | {counts.get('ok', 0)} | {counts.get('rejected', 0)} | "
                      f"{counts.get('failed', 0)} | {stages[name].get('manifest', '')} | {note} |")
     text = "\n".join(lines) + "\n"
