@@ -149,10 +149,16 @@ def publish_summary(run: str, stage: str, record: dict) -> None:
 
 
 def committed_entry(store: Store, run: str, stage: str, key: str, config: dict) -> dict | None:
-    """If this exact stage output is already committed, record it for the run and return it."""
+    """If this exact stage output is already committed, record it for the run and return it.
+    An output with failed rows is not reused: the re-run retries those items (committed items
+    are found by their rows) and commits the stage again."""
     if not store.is_committed(stage_dir(stage, key)):
         return None
     success = store.read_success(stage_dir(stage, key))
+    if success["counts"].get("failed"):
+        get_run_logger().info("%s: retrying the %d failed item(s) of %s", stage,
+                              success["counts"]["failed"], success["manifest"])
+        return None
     get_run_logger().info("%s: inputs and config unchanged, reusing %s", stage, success["manifest"])
     entry = {"key": key, "manifest": success["manifest"], "counts": success["counts"], "config": config}
     store.update_run(run, stage, entry)

@@ -25,7 +25,7 @@ from flows.common import (
     run_items,
 )
 from infra.config import GeneratorConfig, NegativesConfig
-from infra.stage import input_manifest, item_dir, item_key, load_row, save_row, stage_dir, stage_key
+from infra.stage import input_manifest, item_dir, item_key, load_row, save_row, stage_key
 from infra.store import Store, digest
 
 STAGE = "negatives"
@@ -40,15 +40,6 @@ def _work(store: Store, ikey: str, payload: dict) -> dict:
 
 
 ITEM_FUNCS[STAGE] = _work
-
-
-def reuse_complete(st: Store, run: str, stage: str, key: str, config: dict) -> dict | None:
-    """committed_entry, except for an output with failed rows: a re-run retries those items
-    (the committed ones are found by their rows) and commits the stage again."""
-    out = stage_dir(stage, key)
-    if st.is_committed(out) and st.read_success(out)["counts"].get("failed"):
-        return None
-    return committed_entry(st, run, stage, key, config)
 
 
 @task(name="encode-prompts", cache_policy=NO_CACHE, retries=2,
@@ -139,7 +130,7 @@ def negatives(run: str = "toy", config: NegativesConfig | None = None,
     config_dump = cfg.model_dump()
     settings = cfg.model_dump(exclude={"workers", "device"})
     key = stage_key(STAGE, settings | {"gt": gt}, success_in["manifest_sha256"])
-    if entry := reuse_complete(st, run, STAGE, key, config_dump):
+    if entry := committed_entry(st, run, STAGE, key, config_dump):
         return entry
     rows = [row for gen in cfg.generators for row in _generator_rows(st, cfg, gen, clips, gt)]
     return commit_stage(st.url, run, STAGE, key, rows, config_dump,

@@ -14,8 +14,7 @@ from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 from prefect.tasks import exponential_backoff
 
-from flows.common import ITEM_FUNCS, _transient, commit_stage, recorded_config, run_items
-from flows.negatives import reuse_complete
+from flows.common import ITEM_FUNCS, _transient, commit_stage, committed_entry, recorded_config, run_items
 from infra.config import PrecomputeConfig
 from infra.stage import input_manifest, item_dir, item_key, stage_key
 from infra.store import Store
@@ -83,7 +82,7 @@ def precompute(run: str = "toy", config: PrecomputeConfig | None = None,
     config_dump = cfg.model_dump()
     settings = cfg.model_dump(exclude={"workers", "device"})
     key = stage_key(STAGE, settings, success_in["manifest_sha256"])
-    if entry := reuse_complete(st, run, STAGE, key, config_dump):
+    if entry := committed_entry(st, run, STAGE, key, config_dump):
         return entry
     transformer = model_config(cfg)
     keys = encode_prompts(st.url, cfg, [r["prompt"] for r in train])

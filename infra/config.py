@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from infra.store import safe_part
 
@@ -220,6 +220,17 @@ def _check_frames(v: int | None) -> int | None:
     return v
 
 
+def _check_edge(v: int | None) -> int | None:
+    if v is not None and v % 16:
+        raise ValueError(f"short_edge {v} must be a multiple of 16 (VAE 8x and patch 2x)")
+    return v
+
+
+# Frame counts and sizes a Wan model can take (None = the GT clip's own).
+WanFrames = Annotated[int | None, AfterValidator(_check_frames)]
+WanEdge = Annotated[int | None, AfterValidator(_check_edge)]
+
+
 class GeneratorConfig(Section):
     """One frozen base model that adds one negative per GT clip (the paper used five, A.1)."""
 
@@ -232,10 +243,10 @@ class GeneratorConfig(Section):
     guidance_2: float | None = Field(None, ge=0, description="Wan2.2's low-noise expert scale; "
                                      "None = guidance")
     negative_prompt: str = WAN_NEGATIVE_PROMPT
-    short_edge: int | None = Field(None, ge=16, description="generation short edge (px, multiple "
+    short_edge: WanEdge = Field(None, ge=16, description="generation short edge (px, multiple "
                                    "of 16); None = the GT clip's size. Outputs are renormalized "
                                    "to the GT spec either way")
-    frames: int | None = Field(None, ge=1, description="generated frames (4k + 1); None = the "
+    frames: WanFrames = Field(None, ge=1, description="generated frames (4k + 1); None = the "
                                "GT clip's. Fewer frames are spread over the GT clip's duration")
     batch_size: int = Field(1, ge=1, description="clips per pipeline call (T2V only: diffusers' "
                             "I2V pipeline conditions a call on one reference image)")
@@ -244,18 +255,6 @@ class GeneratorConfig(Section):
     @classmethod
     def _name(cls, v: str) -> str:
         safe_part(v)
-        return v
-
-    @field_validator("frames")
-    @classmethod
-    def _frames(cls, v: int | None) -> int | None:
-        return _check_frames(v)
-
-    @field_validator("short_edge")
-    @classmethod
-    def _edge(cls, v: int | None) -> int | None:
-        if v is not None and v % 16:
-            raise ValueError(f"short_edge {v} must be a multiple of 16 (VAE 8x and patch 2x)")
         return v
 
     @model_validator(mode="after")
@@ -361,26 +360,14 @@ class PrecomputeConfig(Section):
     kind: WanKind | None = Field(None, description="None = train.kind")
     dtype: str = Field("bfloat16", description="text encoder dtype (the VAE and CLIP run in "
                        "float32)")
-    short_edge: int | None = Field(None, ge=16, description="encode at this short edge (train "
+    short_edge: WanEdge = Field(None, ge=16, description="encode at this short edge (train "
                                    "resolution, multiple of 16); None = the GT size")
-    frames: int | None = Field(None, ge=1, description="encode the first frames (4k + 1); "
+    frames: WanFrames = Field(None, ge=1, description="encode the first frames (4k + 1); "
                                "None = all GT frames")
     save_dtype: Literal["float32", "bfloat16", "float16"] = Field(
         "float32", description="dtype of the tensors in the pair files")
     device: str | None = Field(None, description="torch device; None = cuda if available")
     workers: int = Field(1, ge=1)
-
-    @field_validator("frames")
-    @classmethod
-    def _frames(cls, v: int | None) -> int | None:
-        return _check_frames(v)
-
-    @field_validator("short_edge")
-    @classmethod
-    def _edge(cls, v: int | None) -> int | None:
-        if v is not None and v % 16:
-            raise ValueError(f"short_edge {v} must be a multiple of 16 (VAE 8x and patch 2x)")
-        return v
 
 
 class RunConfig(Section):

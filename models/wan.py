@@ -225,11 +225,13 @@ def training_scheduler(spec: WanSpec,
                                            shift=shift)
 
 
-def load_pipeline(spec: WanSpec) -> Pipeline:
-    """WanPipeline (t2v) or WanImageToVideoPipeline (i2v, i2v-2.2) built from the loaders above."""
+def load_pipeline(spec: WanSpec, text_encoder: bool = True) -> Pipeline:
+    """WanPipeline (t2v) or WanImageToVideoPipeline (i2v, i2v-2.2) built from the loaders above.
+    `text_encoder=False` leaves UMT5 and its tokenizer out, for callers that pass prompt
+    embeddings computed once per prompt (UMT5 is ~11 GB for Wan2.1 14B)."""
     index = _read_json(spec, "model_index.json")
     has_expert_2 = (index.get("transformer_2") or [None])[0] is not None
-    encoder, tokenizer = load_text_encoder(spec)
+    encoder, tokenizer = load_text_encoder(spec) if text_encoder else (None, None)
     parts: dict[str, Any] = dict(
         tokenizer=tokenizer, text_encoder=encoder, vae=load_vae(spec),
         scheduler=load_scheduler(spec), transformer=load_transformer(spec),
@@ -403,23 +405,9 @@ def save_lora(transformer: WanTransformer3DModel, directory: str | Path) -> Path
 
 
 def load_generator(spec: WanSpec) -> Pipeline:
-    """The pipeline of load_pipeline without its text encoder: the negatives stage feeds it
-    prompt embeddings computed once per prompt, so UMT5 (~11 GB for Wan2.1 14B) never sits
-    next to the transformer."""
-    index = _read_json(spec, "model_index.json")
-    has_expert_2 = (index.get("transformer_2") or [None])[0] is not None
-    parts: dict[str, Any] = dict(
-        tokenizer=None, text_encoder=None, vae=load_vae(spec), scheduler=load_scheduler(spec),
-        transformer=load_transformer(spec),
-        transformer_2=load_transformer(spec, "transformer_2") if has_expert_2 else None,
-        boundary_ratio=index.get("boundary_ratio"),
-        expand_timesteps=index.get("expand_timesteps", False),
-    )
-    if spec.kind == "t2v":
-        return WanPipeline(**parts)
-    if spec.kind == "i2v":
-        parts["image_encoder"], parts["image_processor"] = load_image_encoder(spec)
-    return WanImageToVideoPipeline(**parts)
+    """The pipeline without its text encoder: the negatives stage feeds it prompt embeddings
+    computed once per prompt, so UMT5 never sits next to the transformer."""
+    return load_pipeline(spec, text_encoder=False)
 
 
 def component_identity(spec: WanSpec, component: str) -> str:
