@@ -10,6 +10,8 @@ the one-process switches, tests/test_distributed.py for the multi-rank ones):
                          `checkpoint_every` k recomputes only every k-th block (selective AC);
 - bf16                   autocast to bfloat16, on CUDA only (CPU autocast is slow and changes
                          the numbers the CPU tests compare);
+- attention              the kernel behind every attention, through diffusers' attention
+                         backends: flash-attn when installed and on CUDA, else torch SDPA;
 - fsdp                   FSDP2 `fully_shard` per transformer block, then the root, over all
                          ranks: the frozen base weights are sharded and all-gathered per block;
 - context_parallel       the video tokens split across this many ranks (infra.distributed);
@@ -23,8 +25,9 @@ draw other (equally distributed) dropout masks than one process: equal in law, n
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import warnings
-from typing import Callable, ContextManager
+from typing import Callable, ContextManager, Literal
 
 import torch
 from pydantic import Field
@@ -56,6 +59,10 @@ class ParallelConfig(Section):
     pair_parallel: bool = Field(
         False, description="win side on one rank, lose side on its partner, exchanging only "
         "the per-sample errors (needs an even number of processes)")
+    attention: Literal["auto", "sdpa", "flash"] = Field(
+        "auto", description="attention kernel: flash = the flash-attn package (`pip install "
+        ".[gpu]`, CUDA only); sdpa = torch's scaled_dot_product_attention; auto = flash when "
+        "installed and on CUDA, else sdpa")
 
     @property
     def pair_degree(self) -> int:
@@ -65,7 +72,9 @@ class ParallelConfig(Section):
 def parallelize(transformer: torch.nn.Module, cfg: ParallelConfig,
                 layout: Layout | None = None) -> torch.nn.Module:
     """Apply the switches to the (LoRA-wrapped) transformer on its device, in place; returns it.
-    Order as in torchtitan: activation checkpointing, then the parallel layouts, FSDP last."""
+    Order as in torchtitan: activation checkpointing, then the parallel layouts, FSDP last. The
+    attention kernel comes first: context parallelism wraps the processors it configures."""
+    set_attention(transformer, cfg.attention)
     if cfg.gradient_checkpointing:
         checkpoint_blocks(transformer, cfg.checkpoint_every)
     if layout is not None and layout.cp > 1:
@@ -73,6 +82,30 @@ def parallelize(transformer: torch.nn.Module, cfg: ParallelConfig,
     if cfg.fsdp and layout is not None and layout.world > 1:
         apply_fsdp(transformer, layout)
     return transformer
+
+
+def attention_backend(choice: str, device: torch.device) -> str:
+    """diffusers' attention backend name for `choice` on `device`."""
+    has_flash = importlib.util.find_spec("flash_attn") is not None
+    if choice == "flash":
+        if not has_flash:
+            raise ValueError("train.parallel.attention 'flash' needs the flash-attn package: "
+                             "`pip install '.[gpu]'` on a CUDA machine, or use 'sdpa' / 'auto'")
+        if device.type != "cuda":
+            raise ValueError(f"train.parallel.attention 'flash' runs on CUDA only, the model is "
+                             f"on {device}; use 'sdpa' or 'auto'")
+        return "flash"
+    if choice == "auto" and has_flash and device.type == "cuda":
+        return "flash"
+    return "native"  # torch SDPA, which picks its own fused kernel
+
+
+def set_attention(transformer: torch.nn.Module, choice: str) -> str:
+    """Route every attention of the transformer through the chosen kernel; returns its name."""
+    device = next(transformer.parameters()).device
+    backend = attention_backend(choice, device)
+    transformer.set_attention_backend(backend)
+    return backend
 
 
 def checkpoint_blocks(transformer: torch.nn.Module, every: int) -> None:

@@ -203,6 +203,31 @@ def test_pair_batch_and_gradient_checkpointing_give_the_same_loss_and_grads(tiny
     assert_same_gradient(grads, plain_grads)
 
 
+def test_attention_switch_picks_sdpa_on_cpu_and_refuses_flash_without_it(tiny, store) -> None:
+    """auto/sdpa route every attention through torch SDPA (diffusers' "native" backend) with the
+    numbers of the default; flash without flash-attn or CUDA is an error naming the fix."""
+    import importlib.util
+
+    from infra.parallel import attention_backend
+
+    pairs(store, tiny)
+    results = {}
+    for choice in ("auto", "sdpa"):
+        trainer = Trainer(config(tiny, parallel=dict(attention=choice)), store, f"runs/{choice}")
+        backends = {m.processor._attention_backend for m in trainer.transformer.modules()
+                    if hasattr(m, "processor") and hasattr(m.processor, "_attention_backend")}
+        assert {str(getattr(b, "value", b)) for b in backends} == {"native"}, backends
+        perturb_lora(trainer)
+        results[choice] = loss_and_grads(trainer)
+    assert results["auto"][0] == results["sdpa"][0]
+    assert all(torch.equal(a, b) for a, b in zip(results["auto"][1], results["sdpa"][1]))
+    with pytest.raises(ValueError, match="flash"):
+        attention_backend("flash", torch.device("cpu"))
+    if importlib.util.find_spec("flash_attn") is None:
+        with pytest.raises(ValueError, match=r"pip install '\.\[gpu\]'"):
+            attention_backend("flash", torch.device("cuda"))
+
+
 def test_selective_checkpointing_recomputes_every_kth_block_only(tiny, store) -> None:
     """checkpoint_every=2 on the 2-block tiny model: block 0 runs under torch.utils.checkpoint
     (its forward runs again in backward), block 1 does not."""
