@@ -25,7 +25,7 @@ from infra.stage import input_manifest, item_dir, item_key, stage_dir, stage_key
 from infra.store import Store, digest
 from tasks.evaluate import (
     BASE, PROXY_PREFIX, EvaluateConfig, adapter_label, check_vbench, generate_one, mean_by_model,
-    proxy_one, run_vbench, held_out_prompts,
+    proxy_one, release_pipeline, run_vbench, held_out_prompts,
 )
 from tasks.report import build_table, markdown, publish_chart
 
@@ -169,7 +169,10 @@ def evaluate(run: str = "toy", config: EvaluateConfig | None = None,
     # What shapes one video (its seed and prompt are its identity; which seeds and how many
     # prompts a run asks for is not, so adding a seed reuses every video already made).
     gen = cfg.generate.model_dump(exclude={"device", "seeds", "max_prompts"})
-    settings = {"generate": gen, "spec": {k: spec[k] for k in ("kind", "model", "dtype")},
+    from tasks.precompute import identity  # the weights themselves, not just the model's name
+
+    weights = identity(spec["model"], spec["kind"], spec["dtype"], "transformer")
+    settings = {"generate": gen, "spec": {k: spec[k] for k in ("kind", "model", "dtype")} | {"weights": weights},
                 "normalize": norm.model_dump(exclude={"workers", "caption"})}
     config_dump = cfg.model_dump(mode="json")
     key = stage_key(STAGE, {"config": cfg.model_dump(mode="json", exclude={"workers"}),
@@ -186,7 +189,10 @@ def evaluate(run: str = "toy", config: EvaluateConfig | None = None,
                 work.append((ikey, vid, {"id": vid, "test": t, "model": m, "seed": seed, "spec": spec,
                                          "generate": cfg.generate.model_dump(),
                                          "normalize": norm.model_dump()}))
-    rows = run_items(STAGE, st, work, cfg.workers)
+    try:
+        rows = run_items(STAGE, st, work, cfg.workers)
+    finally:
+        release_pipeline()
     rows = [r | {"id": w[2]["id"]} for r, w in zip(rows, work)]
     if "proxy" in cfg.evaluators:
         rows = _with_proxy(st, rows, cfg)

@@ -64,9 +64,14 @@ def release_models() -> None:
 def _units(clips: list[dict], gen: GeneratorConfig, cfg: NegativesConfig, gt: dict) -> list[dict]:
     """One unit per clip: its item key (clip content, this generator's settings, the GT spec)."""
     from tasks.negatives import item_seed
+    from tasks.precompute import identity
 
+    # The weights themselves, not just the model's name: a rebuilt folder or a new hub revision
+    # in the cache makes new negatives.
+    weights = {c: identity(gen.model, gen.kind, gen.dtype, c) for c in ("transformer", "vae")}
     settings = {"mode": cfg.mode, "generator": gen.model_dump(), "seed": cfg.seed, "gt": gt,
-                "local": cfg.local.model_dump() if cfg.mode == "local_corrupt" else None}
+                "local": cfg.local.model_dump() if cfg.mode == "local_corrupt" else None,
+                "weights": weights}
     units = []
     for clip in clips:
         ikey = item_key(STAGE, {k: clip[k] for k in ("video", "ref_image", "prompt")}, settings)

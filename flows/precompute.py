@@ -81,6 +81,11 @@ def precompute(run: str = "toy", config: PrecomputeConfig | None = None,
              if r["status"] == "ok" and r.get("split") == "train"]
     config_dump = cfg.model_dump()
     settings = cfg.model_dump(exclude={"workers", "device"})
+    # The encoders' weights themselves, not just the model's name (see tasks.precompute.identity).
+    from tasks.precompute import identity
+
+    encoders = ("vae", "text_encoder") + (("image_encoder",) if cfg.kind == "i2v" else ())
+    settings["weights"] = {c: identity(cfg.model, cfg.kind, cfg.dtype, c) for c in encoders}
     key = stage_key(STAGE, settings, success_in["manifest_sha256"])
     if entry := committed_entry(st, run, STAGE, key, config_dump):
         return entry

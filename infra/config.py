@@ -313,6 +313,12 @@ class NegativesConfig(Section):
                              f"exactly one generator (got {len(self.generators)})")
         if self.mode == "local_corrupt" and self.generators[0].batch_size != 1:
             raise ValueError("local_corrupt runs one inference per clip: set batch_size: 1")
+        if self.mode == "local_corrupt" and (self.generators[0].frames is not None
+                                             or self.generators[0].short_edge is not None):
+            raise ValueError("local_corrupt reconstructs the GT latent itself, so it works at the "
+                             "GT clip's own size and frame count (outside the mask the negative "
+                             "must stay the GT clip, frame for frame): leave the generator's "
+                             "frames and short_edge unset")
         return self
 
 

@@ -26,7 +26,7 @@ STAGE_MODULES: dict[str, tuple[str, ...]] = {
     "negatives": ("tasks.negatives", "tasks.precompute", "tasks.normalize", "infra.video",
                   "models.wan"),
     "pairs": ("tasks.pairs",),
-    "precompute": ("tasks.precompute", "models.wan"),
+    "precompute": ("tasks.precompute", "models.wan", "infra.video", "tasks.train"),
     "train": ("tasks.train", "losses.preference", "losses.errors", "models.wan", "infra.parallel",
               "infra.distributed", "infra.checkpoint"),
     # The code a test video depends on (the report's code does not: editing it regenerates nothing).

@@ -15,6 +15,7 @@ Plain functions, no Prefect: flows/evaluate.py maps them over items and commits 
 
 from __future__ import annotations
 
+import gc
 import json
 import math
 import os
@@ -30,7 +31,7 @@ import numpy as np
 from pydantic import Field, field_validator
 
 from infra.config import NormalizeConfig, Section
-from infra.store import Store, safe_part
+from infra.store import Store, digest, safe_part
 from infra.video import bucket_geometry, decode_frames, nearest_bucket, probe
 from tasks import vbench_runner
 from tasks.normalize import NormalizeReject
@@ -165,13 +166,26 @@ def _select_model(pipe, store: Store, label: str, adapter: str | None) -> None:
         if pipe.get_list_adapters():
             pipe.disable_lora()
         return
+    # Named by label and URI: a re-trained adapter under the same label is a new adapter.
+    name = f"{label}-{digest(adapter, 8)}"
     loaded = {a for names in pipe.get_list_adapters().values() for a in names}
-    if label not in loaded:
+    if name not in loaded:
         with _adapter_file(store, adapter) as path:
             pipe.load_lora_weights(os.path.dirname(path), weight_name=os.path.basename(path),
-                                   adapter_name=label)
+                                   adapter_name=name)
     pipe.enable_lora()
-    pipe.set_adapters([label])
+    pipe.set_adapters([name])
+
+
+def release_pipeline() -> None:
+    """Free the generation pipeline (all its weights) once the stage's videos are made."""
+    with _LOCK:
+        _pipeline.cache_clear()
+    gc.collect()
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def _adapter_file(store: Store, uri: str):
@@ -235,7 +249,7 @@ def generate_one(store: Store, payload: dict, out_dir: str) -> dict:
     image = None
     if spec["kind"] != "t2v":
         if not t["ref"]:
-            return row | {"status": "failed", "reason": "I2V test prompt has no ref image"}
+            return row | {"status": "rejected", "reason": "I2V test prompt has no ref image"}
         with store.local_copy(store.key_of(t["ref"])) as ref, Image.open(ref) as im:
             image = im.convert("RGB")
     with _LOCK:
@@ -249,7 +263,7 @@ def generate_one(store: Store, payload: dict, out_dir: str) -> dict:
         try:
             out = renormalize(frames, clip, gt, video)
         except (NormalizeReject, RuntimeError) as e:
-            return row | {"status": "failed", "reason": f"generated video misses the GT spec: {e}"}
+            return row | {"status": "rejected", "reason": f"generated video misses the GT spec: {e}"}
         uri = store.put_file(video, f"{out_dir}/video.mp4")
     return row | {"status": "ok", "reason": "", "video": uri, "width": out["width"],
                   "height": out["height"], "fps": out["fps"], "frames": out["frames"],

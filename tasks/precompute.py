@@ -250,11 +250,19 @@ def clip_embedding(store: Store, spec: wan.WanSpec, ref_uri: str,
 
 
 def resample_mask(mask: torch.Tensor, latent_shape: tuple[int, ...]) -> torch.Tensor:
-    """A [1, F, H, W] region mask on another latent grid (nearest: it stays 0/1)."""
+    """The [1, F, H, W] region mask (on the GT clip's latent grid) on the encode grid.
+
+    Time: both grids start at GT frame 0 with the VAE's same 4-frame packing, and the encode
+    keeps the first frames (precompute.frames), so latent frame i is the same GT time span in
+    both: keep the first F. Space: the same picture at another size, nearest (stays 0/1)."""
     f, h, w = latent_shape[-3:]
-    if tuple(mask.shape[-3:]) == (f, h, w):
-        return mask.float()
-    return F.interpolate(mask[None].float(), size=(f, h, w), mode="nearest-exact")[0]
+    if mask.shape[-3] < f:
+        raise ValueError(f"the region mask covers {mask.shape[-3]} latent frames, the encode "
+                         f"{f}: the negative was made from fewer frames than are encoded")
+    mask = mask[..., :f, :, :].float()
+    if tuple(mask.shape[-2:]) == (h, w):
+        return mask
+    return F.interpolate(mask[None], size=(f, h, w), mode="nearest-exact")[0]
 
 
 _SAFETENSORS_DTYPE = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}

@@ -488,3 +488,18 @@ def test_browser_rates_pairs_and_shows_scores(chromium, site: GSBSite, local_sto
     scores = {c: (cells[c]["video_quality-score"], cells[c]["prompt_following-score"]) for c in cells}
     assert scores in ({"reg-dpo vs base": ("1.00", "0.67"), "dpo vs base": ("1.00", "∞")},
                       {"reg-dpo vs base": ("2.00", "0.50"), "dpo vs base": ("0.50", "3.00")})
+
+
+def test_a_re_rendered_video_is_a_new_task():
+    """evaluate re-run after a new train: same row ids (prompt, label, seed), new video URIs;
+    the old ratings must not count for (or block) the new pair."""
+    from tasks.gsb.ratings import Comparison, rating_tasks
+
+    def rows(tag: str) -> list[dict]:
+        return [{"id": f"p0-{m}-s0", "prompt_id": "p0", "seed": 0, "model": m, "prompt": "x",
+                 "status": "ok", "video": f"file:///s/items/evaluate/{tag}{m}/video.mp4"}
+                for m in ("base", "regdpo")]
+
+    comp = [Comparison("regdpo", "base")]
+    (old,), (new,), (same,) = (rating_tasks(rows(t), comp) for t in ("a", "b", "a"))
+    assert old.id != new.id and old.id == same.id

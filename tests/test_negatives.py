@@ -177,13 +177,15 @@ def test_local_corrupt_stores_the_mask_at_latent_and_pixel_resolution(prefect_ap
 
     url = f"file://{tmp_path}/store"
     clips = {c["id"]: c for c in commit_gt_run(url, "local", n=2)}
-    cfg = NegativesConfig(mode="local_corrupt", generators=[generator(tiny, "i2v-2.2", frames=9)])
+    cfg = NegativesConfig(mode="local_corrupt",
+                          generators=[generator(tiny, "i2v-2.2", frames=None, short_edge=None)])
     assert negatives("local", cfg, url)["counts"]["ok"] == 2
     st = Store(url)
     for row in _rows(url, "local")[0]:
         gt = clips[row["gt_id"]]
         mask = read_mask(st, row["mask"])
-        assert mask.shape == (1, 3, row["gen_height"] // 8, row["gen_width"] // 8)
+        # At the GT clip's own latent grid (local_corrupt works at the GT size and frames).
+        assert mask.shape == (1, (gt["frames"] - 1) // 4 + 1, gt["height"] // 8, gt["width"] // 8)
         assert mask[0, 0].sum() == 0 and mask.sum() > 0
         with st.local_copy(st.key_of(row["mask_video"])) as path:
             info = probe(path, count_frames=True)

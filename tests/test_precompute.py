@@ -111,8 +111,10 @@ def _chain(tiny: dict, kind: str, url: str) -> dict:
 
     neg_mode, pair_mode, short_edge = CASES[kind]
     gts = commit_gt_run(url, kind, n=4, short_edge=48)
+    # local_corrupt reconstructs at the GT clip's own size and frames; gt_pair generates small.
+    small = {} if neg_mode == "local_corrupt" else dict(short_edge=32, frames=9)
     gens = [GeneratorConfig(name=f"g{i}", model=tiny[kind], kind=kind, dtype="float32", steps=2,
-                            short_edge=32, frames=9, guidance=4.0 + i)
+                            guidance=4.0 + i, **small)
             for i in range(1 if neg_mode == "local_corrupt" else 2)]
     negatives(kind, NegativesConfig(mode=neg_mode, generators=gens), url)
     # A split seed that holds out exactly one of the four clips.
@@ -176,3 +178,26 @@ def test_a_short_training_run_on_precomputed_local_pairs(chains, tiny):
     assert result["steps"] == 2
     after = lora_parameters(trainer.transformer)
     assert all(not torch.equal(a, b) for a, b in zip(before, after))
+
+
+def test_region_mask_keeps_its_time_span_on_a_shorter_smaller_encode():
+    """precompute.frames keeps the first GT frames: latent frame i is the same time span on both
+    grids, so the mask is cut (not stretched) in time and resized in space."""
+    from tasks.precompute import resample_mask
+
+    mask = torch.zeros(1, 5, 8, 8)
+    mask[:, 1, :4, :4] = 1  # one box, in latent frame 1 only
+    small = resample_mask(mask, (16, 2, 4, 4))
+    assert small.shape == (1, 2, 4, 4)
+    assert small[0, 0].sum() == 0 and torch.equal(small[0, 1], torch.tensor(
+        [[1.0, 1, 0, 0], [1, 1, 0, 0], [0, 0, 0, 0], [0, 0, 0, 0]]))
+    with pytest.raises(ValueError, match="fewer frames"):
+        resample_mask(mask, (16, 6, 8, 8))
+
+
+def test_local_corrupt_refuses_a_reduced_size_or_frame_count():
+    from infra.config import NegativesConfig
+
+    with pytest.raises(ValueError, match="GT clip's own size and frame count"):
+        NegativesConfig(mode="local_corrupt",
+                        generators=[GeneratorConfig(name="g", frames=9)])

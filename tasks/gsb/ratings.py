@@ -150,8 +150,9 @@ def rating_tasks(rows: list[dict], comps: list[Comparison]) -> list[RatingTask]:
     """A task per comparison and (prompt_id, seed) that both models rendered.
 
     Evaluate renders every model with the same seeds, so (prompt_id, seed) pairs the videos
-    that differ only by the model. The task id digests both row ids: a re-rendered video is a
-    new task, and ratings of videos no longer in the manifest stop counting."""
+    that differ only by the model. The task id digests both row ids and video URIs: a
+    re-rendered video is a new task, and ratings of videos no longer in the manifest stop
+    counting."""
     by_model: dict[str, dict[tuple, dict]] = {}
     for r in rows:
         by_model.setdefault(str(r["model"]), {}).setdefault((str(r["prompt_id"]), r.get("seed")), r)
@@ -160,7 +161,10 @@ def rating_tasks(rows: list[dict], comps: list[Comparison]) -> list[RatingTask]:
         cand, base = by_model[c.candidate], by_model[c.baseline]
         for key in sorted(cand.keys() & base.keys(), key=str):
             a, b = cand[key], base[key]
-            tasks.append(RatingTask(digest([a["id"], b["id"]], 16), c, key[0], key[1],
+            # The videos' URIs too: row ids repeat when a stage is re-run (a new adapter under the
+            # same label), the URIs (under content-keyed item dirs) do not.
+            tid = digest([a["id"], b["id"], a.get("video"), b.get("video")], 16)
+            tasks.append(RatingTask(tid, c, key[0], key[1],
                                     str(a.get("prompt") or ""), a, b))
         if not cand.keys() & base.keys():
             raise GSBError(f"comparison {c.name!r}: no prompt_id/seed rendered by both models")
