@@ -22,6 +22,7 @@ def run(
     run_name: Optional[str] = typer.Option(None, "--run", help="run name (default: the config's `name`)"),
     only: Optional[str] = typer.Option(None, help="comma-separated stages to run, e.g. filter,normalize"),
     set_: list[str] = typer.Option([], "--set", help="override a config value: key.path=value"),
+    nproc: int = typer.Option(1, min=1, help="processes (GPUs) for the train stage; > 1 launches torchrun"),
 ) -> None:
     """Run the pipeline (or --only some stages) for a run."""
     from infra.config import ConfigError, load_config
@@ -34,7 +35,7 @@ def run(
 
     stages = [s.strip() for s in only.split(",") if s.strip()] if only else None
     try:
-        results = pipeline(run=cfg.name, config=cfg, only=stages)
+        results = pipeline(run=cfg.name, config=cfg, only=stages, nproc=nproc)
     except (LookupError, ValueError) as e:
         _fail(f"run {cfg.name!r} failed: {e}")
     for stage, entry in results.items():
