@@ -11,7 +11,8 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, ValidationError, ValidationInfo,
+                      field_validator, model_validator)
 
 from infra.store import safe_part
 
@@ -392,27 +393,19 @@ class RunConfig(Section):
     evaluate: Any = Field(None, description="the evaluate stage: a tasks.evaluate.EvaluateConfig, "
                           "or None when the run does not evaluate")
 
-    @field_validator("train", mode="before")
+    @field_validator("train", "evaluate", mode="before")
     @classmethod
-    def _train(cls, v: Any) -> Any:
-        # Imported here, not at the top: tasks.train imports this module (a cycle), and it pulls
-        # in torch and diffusers (~5 s), which configs without a train section never need.
-        # Its validation errors keep their key paths (train.loss.beta, ...).
+    def _lazy_section(cls, v: Any, info: ValidationInfo) -> Any:
+        # Imported here, not at the top: tasks.train and tasks.evaluate import this module (a
+        # cycle), and train pulls in torch and diffusers (~5 s), which configs without a train
+        # section never need. Validation errors keep their key paths (train.loss.beta, ...).
         if v is None:
             return None
-        from tasks.train import TrainConfig
-
-        return TrainConfig.model_validate(v)
-
-    @field_validator("evaluate", mode="before")
-    @classmethod
-    def _evaluate(cls, v: Any) -> Any:
-        # Lazily, like `train`: tasks.evaluate imports tasks.normalize, which imports this module.
-        if v is None:
-            return None
-        from tasks.evaluate import EvaluateConfig
-
-        return EvaluateConfig.model_validate(v)
+        if info.field_name == "train":
+            from tasks.train import TrainConfig as section
+        else:
+            from tasks.evaluate import EvaluateConfig as section
+        return section.model_validate(v)
 
     @field_validator("name")
     @classmethod

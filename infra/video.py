@@ -160,10 +160,12 @@ def _last_line(stderr: bytes) -> str:
     return lines[-1][-300:] if lines else ""
 
 
-def run_ffmpeg(args: list[str], timeout: float = 600.0) -> subprocess.CompletedProcess:
-    """Run a compiled ffmpeg argument list; raise FFmpegError with stderr's tail on failure."""
+def run_ffmpeg(args: list[str], timeout: float = 600.0,
+               input: bytes | None = None) -> subprocess.CompletedProcess:
+    """Run a compiled ffmpeg argument list (`input` piped to its stdin); raise FFmpegError with
+    stderr's tail on failure."""
     try:
-        out = subprocess.run(args, capture_output=True, timeout=timeout, check=False)
+        out = subprocess.run(args, input=input, capture_output=True, timeout=timeout, check=False)
     except subprocess.TimeoutExpired:
         raise FFmpegError(f"ffmpeg timed out after {timeout:.0f}s") from None
     if out.returncode != 0:

@@ -16,7 +16,6 @@ embedded once per text encoder (tasks.precompute.encode_prompts) before any gene
 from __future__ import annotations
 
 import os
-import subprocess
 import tempfile
 from fractions import Fraction
 from typing import Any, Callable
@@ -28,7 +27,7 @@ from safetensors.torch import save as save_safetensors
 
 from infra.config import GeneratorConfig, LocalCorruptConfig, NormalizeConfig
 from infra.store import Store, digest
-from infra.video import FFMPEG, FFmpegError, bucket_geometry, file_url, probe
+from infra.video import FFMPEG, bucket_geometry, file_url, probe, run_ffmpeg
 from models import wan
 from tasks.normalize import normalize_file
 from tasks.precompute import FROZEN, read_frames, read_tensor, reference_image, torch_device
@@ -208,11 +207,7 @@ def write_video(frames: np.ndarray, rate: Fraction, path: str, pix_fmt: str,
     args = [FFMPEG, "-v", "error", "-nostdin", "-y", "-f", "rawvideo", "-pix_fmt", pix_fmt,
             "-s", f"{width}x{height}", "-r", f"{rate.numerator}/{rate.denominator}",
             "-i", "pipe:", *codec, file_url(path)]
-    out = subprocess.run(args, input=np.ascontiguousarray(frames).tobytes(),
-                         capture_output=True, timeout=600, check=False)
-    if out.returncode != 0:
-        raise FFmpegError(f"ffmpeg failed writing {os.path.basename(path)}: "
-                          f"{out.stderr.decode(errors='replace').strip()[-300:]}")
+    run_ffmpeg(args, input=np.ascontiguousarray(frames).tobytes())
 
 
 def renormalize(frames: np.ndarray, clip: dict, gt: NormalizeConfig, out_video: str) -> dict:
