@@ -27,7 +27,7 @@ os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 from infra.config import RunConfig  # noqa: E402
 from infra.stage import stage_dir  # noqa: E402
 from infra.store import Store  # noqa: E402
-from infra.video import FFMPEG, bucket_geometry, probe  # noqa: E402
+from infra.video import FFMPEG, X264_THREADS, bucket_geometry, probe  # noqa: E402
 from tasks.toy_data import SECONDS, Clip, make_clip  # noqa: E402
 
 
@@ -62,7 +62,7 @@ def floor_seconds(src: Path, preset: str, crf: int, tmp: Path) -> float:
     decode = timed([FFMPEG, "-v", "error", "-i", f"file:{src}", "-f", "null", "-"])
     encode = timed([FFMPEG, "-v", "error", "-y", "-f", "rawvideo", "-pix_fmt", "yuv420p", "-s",
                     f"{geo.out_w}x{geo.out_h}", "-r", "16", "-i", f"file:{raw}", "-c:v", "libx264",
-                    "-preset", preset, "-crf", str(crf), "-pix_fmt", "yuv420p", f"file:{tmp / 'out.mp4'}"])
+                    "-threads", str(X264_THREADS), "-preset", preset, "-crf", str(crf), "-pix_fmt", "yuv420p", f"file:{tmp / 'out.mp4'}"])
     return decode + encode
 
 
@@ -95,7 +95,11 @@ def main() -> None:
             })
 
         # Warm-up: start Prefect's ephemeral API and import everything outside the timing.
-        curate(run="warmup", config=config(f"file://{tmp}/warm", []), only=["acquire"])
+        # (one clip: an empty source list is refused before any work)
+        with open(tmp / "warm.csv", "w", newline="") as f:
+            csv.writer(f).writerows([["video", "caption"], [clips[0].name, "warm-up"]])
+        curate(run="warmup", config=config(f"file://{tmp}/warm", [{"manifest": str(tmp / "warm.csv")}]),
+               only=["acquire"])
 
         floors = [floor_seconds(c, args.preset, args.crf, tmp) for c in clips]
         store = f"file://{tmp}/store"

@@ -38,7 +38,8 @@ from gt_clips import commit_gt_run  # noqa: E402
 from infra.config import GeneratorConfig, NegativesConfig, NormalizeConfig  # noqa: E402
 from infra.stage import input_manifest  # noqa: E402
 from infra.store import Store  # noqa: E402
-from models.wan import WanSpec, build_tiny, load_pipeline  # noqa: E402
+from models.tiny import build_tiny  # noqa: E402
+from models.wan import WanSpec, load_pipeline  # noqa: E402
 from tasks.negatives import generation_size, item_seed, renormalize  # noqa: E402
 
 

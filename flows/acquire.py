@@ -3,24 +3,16 @@
 from __future__ import annotations
 
 import os
-import time
 
 from prefect import flow
 
-from flows.common import ITEM_FUNCS, commit_stage, committed_entry, recorded_config, run_items
+from flows.dag import STAGES
+from flows.stage import StageRun
 from infra.config import AcquireConfig
-from infra.stage import item_key, stage_key
-from infra.store import Store, digest
-from tasks.acquire import Candidate, acquire_one, dedupe, list_candidates
+from infra.store import digest
+from tasks.acquire import Candidate, dedupe, list_candidates
 
-STAGE = "acquire"
-
-
-def _work(store: Store, ikey: str, payload: dict) -> dict:
-    return acquire_one(store, Candidate(**payload["candidate"]), AcquireConfig.model_validate(payload["config"]))
-
-
-ITEM_FUNCS[STAGE] = _work
+STAGE = STAGES["acquire"]
 
 
 def _identity(cand: Candidate) -> dict:
@@ -32,19 +24,32 @@ def _identity(cand: Candidate) -> dict:
     return ident
 
 
-@flow(name="acquire", log_prints=True)
-def acquire(run: str = "toy", config: AcquireConfig | None = None, store: str = "file://./artifacts") -> dict:
-    """Select raw videos by metadata and copy the accepted ones into the store."""
-    started, st = time.time(), Store(store)
-    cfg = config or recorded_config(st, run, STAGE, AcquireConfig)
-    settings = cfg.model_dump(exclude={"sources", "workers"})
-    candidates, bad = list_candidates(cfg)
-    work = [(item_key(STAGE, _identity(c), settings), os.path.basename(c.source)[:60],
-             {"id": c.id, "candidate": {"source": c.source, "caption": c.caption}, "config": cfg.model_dump()})
+@flow(name="acquire", flow_run_name="acquire/{run}", log_prints=True)
+def acquire(run: str = "toy", config: AcquireConfig | None = None, store: str = "file://./artifacts",
+            overrides: list[str] | None = None) -> dict:
+    """Select raw videos by metadata and copy the accepted ones into the store.
+
+    Args:
+        run: the run's name (runs/<run>/ in the store); its other stages' outputs are read
+            from the run index.
+        config: this stage's section; empty = the section the run last used (recorded in
+            the run index), not the real-model defaults.
+        store: artifact store URL (file://... or s3://bucket/prefix; credentials come from
+            the environment).
+        overrides: `--set`-style changes applied on top, e.g. ["acquire.workers=4"];
+            validated before any work.
+    """
+    s = StageRun(STAGE, run, config, store, overrides)
+    settings = s.cfg.model_dump(exclude={"sources", "workers"})
+    candidates, bad = list_candidates(s.cfg)
+    work = [s.work(_identity(c), settings, os.path.basename(c.source)[:60],
+                   {"id": c.id, "source": c.source,
+                    "candidate": {"source": c.source, "caption": c.caption, "root": c.root},
+                    "config": s.cfg.model_dump()})
             for c in candidates]
-    config_dump = cfg.model_dump()
-    key = stage_key(STAGE, config_dump, digest(sorted([w[0] for w in work]) + sorted(b["id"] for b in bad)))
-    if entry := committed_entry(st, run, STAGE, key, config_dump):
+    sources = sorted([w[0] for w in work]) + sorted(b["id"] for b in bad)
+    if entry := s.reuse(settings, [digest(sources)]):
         return entry
-    rows = dedupe(run_items(STAGE, st, work, cfg.workers) + bad)
-    return commit_stage(st.url, run, STAGE, key, rows, config_dump, {"sources": len(cfg.sources)}, started)
+    # The item retries transient errors itself (acquire.download.retries): no Prefect retries on top.
+    rows = dedupe(s.map(work, s.cfg.workers, retries=0) + bad)
+    return s.commit(rows, {"sources": len(s.cfg.sources)})

@@ -11,6 +11,38 @@ import typer
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Reg-DPO with GT-Pair as a Prefect DAG.")
 
 
+def _version(value: bool) -> None:
+    if value:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            typer.echo(f"regdpo {version('regdpo')}")
+        except PackageNotFoundError:  # a source tree that was never installed
+            typer.echo("regdpo (not installed: run `make install`)")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(_: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                 help="print the version and exit")) -> None:
+    """Reg-DPO with GT-Pair as a Prefect DAG."""
+
+
+# Prefect's 20 s default misses on a loaded 2-core machine; the CLI waits longer.
+_STARTUP_TIMEOUT = "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"
+
+
+def _run_name(name: str) -> str:
+    """A run name is one store path part; anything else is refused before the store is read."""
+    from infra.store import PathEscapeError, safe_part
+
+    try:
+        return safe_part(name)
+    except PathEscapeError:
+        _fail(f"--run {name!r} is not a run name: use letters, digits and . _ = - "
+              "(no slashes, no leading dot)")
+
+
 def _fail(msg: str) -> None:
     typer.secho(msg, fg=typer.colors.RED, err=True)
     raise typer.Exit(2)
@@ -25,19 +57,39 @@ def run(
     nproc: int = typer.Option(1, min=1, help="processes (GPUs) for the train stage; > 1 launches torchrun"),
 ) -> None:
     """Run the pipeline (or --only some stages) for a run."""
+    from infra import shutdown
     from infra.config import ConfigError, load_config
+
+    shutdown.install()
 
     try:
         cfg = load_config(config, set_ + ([f"name={run_name}"] if run_name else []))
     except ConfigError as e:
         _fail(str(e))
-    from flows.pipeline import pipeline
+    from flows.dag import ORDER
+    from flows.pipeline import check_stages, pipeline, selected
+    from flows.preflight import PreflightError, preflight
 
     stages = [s.strip() for s in only.split(",") if s.strip()] if only else None
+    try:  # before Prefect starts: a bad stage name or a missing model costs no flow run
+        check_stages(ORDER, cfg, stages)
+        preflight(cfg, selected(ORDER, cfg, stages))
+    except (PreflightError, ValueError) as e:
+        _fail(f"run {cfg.name!r}: {e}")
     try:
         results = pipeline(run=cfg.name, config=cfg, only=stages, nproc=nproc)
     except (LookupError, ValueError) as e:
         _fail(f"run {cfg.name!r} failed: {e}")
+    except shutdown.ShutdownRequested as e:
+        typer.echo(f"stopped: {e}; committed work stands, rerun to continue", err=True)
+        raise typer.Exit(shutdown.exit_code())
+    except RuntimeError as e:
+        if "ephemeral Prefect API server" not in str(e):
+            raise
+        _fail(f"Prefect's ephemeral API server did not start within "
+              f"{os.environ.get(_STARTUP_TIMEOUT)} s (a loaded machine?): raise "
+              f"{_STARTUP_TIMEOUT}, or start a server in its own shell (`prefect server start`) "
+              "and set PREFECT_API_URL=http://127.0.0.1:4200/api")
     for stage, entry in results.items():
         typer.echo(f"{stage:10s} {entry['counts']}  {entry['manifest']}")
 
@@ -67,9 +119,9 @@ def report(
     from tasks.gsb.ratings import GSBError, markdown_table, run_tally
     from tasks.report import STAGE_ORDER, render_report
 
-    st = Store(store)
+    st = Store(_store(store))
     try:
-        typer.echo(render_report(st, run_name))
+        typer.echo(render_report(st, _run_name(run_name)))
     except LookupError as e:
         _fail(str(e))
     stages = st.read_run(run_name)["stages"]
@@ -94,6 +146,16 @@ gsb_app = typer.Typer(no_args_is_help=True, help="GSB human rating of a run's ev
 app.add_typer(gsb_app, name="gsb")
 
 
+def _store(url: str) -> str:
+    """A store URL with credentials or a query string is refused, without repeating it."""
+    from infra.store import StoreError, check_store_url
+
+    try:
+        return check_store_url(url)
+    except StoreError as e:
+        _fail(f"--store: {e}")
+
+
 def _pairs(pair: list[str]) -> list[str] | None:
     return [p for p in pair if p.strip()] or None
 
@@ -112,10 +174,10 @@ def gsb_serve(
     from tasks.gsb.web import build_app, serve
 
     try:
-        app = build_app(store, run_name, _pairs(pair), host)
+        app = build_app(_store(store), _run_name(run_name), _pairs(pair), host)
     except GSBError as e:
         _fail(f"gsb: {e}")
-    typer.echo(f"GSB rating page for run {run_name}: http://{host}:{port}/  (tallies: /tallies)")
+    typer.echo(f"GSB rating page for run {run_name}: http://{host}:{port}/")
     serve(app, host, port)
 
 
@@ -130,13 +192,14 @@ def gsb_tally(
     from tasks.gsb.ratings import GSBError, markdown_table, run_tally
 
     try:
-        typer.echo(markdown_table(run_tally(Store(store), run_name, _pairs(pair))))
+        typer.echo(markdown_table(run_tally(Store(_store(store)), _run_name(run_name), _pairs(pair))))
     except GSBError as e:
         _fail(f"gsb: {e}")
 
 
 def main() -> None:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault(_STARTUP_TIMEOUT, "90")
     app()
 
 

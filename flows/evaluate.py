@@ -1,7 +1,7 @@
 """evaluate flow: test videos for the base model and every adapter (same seeds, GT spec), scored
 by VBench and/or proxy metrics, reported as the paper's tables (tasks/report.py).
 
-Each video is an item (flows.common.run_items): a re-run, or a restart after a kill, reuses every
+Each video is an item (flows.stage.StageRun.map): a re-run, or a restart after a kill, reuses every
 committed video; the proxy scores are items of their own ("evaluate-proxy", keyed on the video
 and the proxy settings), and VBench's results are kept under the digest of what it scored.
 The manifest has one row per generated video (id, status, reason, prompt_id, prompt, ref,
@@ -10,40 +10,27 @@ model, seed, video, per-video metric columns); report.json and chart.png sit bes
 
 from __future__ import annotations
 
-import re
 import tempfile
-import time
 from pathlib import Path
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
-from flows.common import ITEM_FUNCS, commit_stage, committed_entry, recorded_config, run_items
-from infra.config import NormalizeConfig
-from infra.stage import input_manifest, item_dir, item_key, stage_dir, stage_key
+from flows.dag import STAGES
+from flows.stage import StageRun, artifact_key, recorded_config
+from infra.config import BASE, EvaluateConfig, NormalizeConfig
+from infra.stage import stage_dir
 from infra.store import Store, digest
 from tasks.evaluate import (
-    BASE, PROXY_PREFIX, EvaluateConfig, adapter_label, check_vbench, generate_one, mean_by_model,
-    proxy_one, release_pipeline, run_vbench, held_out_prompts,
+    PROXY_PREFIX, adapter_label, check_vbench, mean_by_model, release_pipeline, run_vbench,
+    held_out_prompts,
 )
 from tasks.report import build_table, markdown, publish_chart
 
-STAGE = "evaluate"
+STAGE = STAGES["evaluate"]
 PROXY = "evaluate-proxy"  # its rows live under items/evaluate-proxy/; keys use the evaluate code
 VBENCH = "evaluate-vbench"
-
-
-def _generate(store: Store, ikey: str, payload: dict) -> dict:
-    return generate_one(store, payload, item_dir(STAGE, ikey))
-
-
-def _proxy(store: Store, ikey: str, payload: dict) -> dict:
-    return proxy_one(store, payload)
-
-
-ITEM_FUNCS[STAGE] = _generate
-ITEM_FUNCS[PROXY] = _proxy
 
 
 def models_to_compare(st: Store, run: str, cfg: EvaluateConfig) -> tuple[list[dict], dict]:
@@ -68,11 +55,9 @@ def base_spec(cfg: EvaluateConfig, train: dict) -> dict:
     if not model or not kind:
         raise ValueError("evaluate needs a base model: set evaluate.model and evaluate.kind, or "
                          "run the train stage first (its model is the base)")
-    device = cfg.generate.device
-    if device is None:
-        import torch
+    from models.runtime import torch_device
 
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = str(torch_device(cfg.generate.device))
     return {"kind": kind, "model": model, "dtype": cfg.generate.dtype or tcfg.get("dtype", "bfloat16"),
             "device": device}
 
@@ -138,7 +123,7 @@ def publish(st: Store, run: str, out: str, report: dict) -> dict:
     """report.json + chart.png in the stage dir, a markdown and a table artifact."""
     report["chart"] = publish_chart(st, report, f"{out}/chart.png")
     st.write_json(f"{out}/report.json", report)
-    slug = re.sub(r"[^a-z0-9-]+", "-", f"{run}-evaluate".lower()).strip("-")
+    slug = artifact_key(run, "evaluate")
     create_markdown_artifact(key=slug + "-report", markdown=markdown(report),
                              description=f"evaluation tables of run {run}")
     for table in report["tables"]:
@@ -153,74 +138,84 @@ def publish(st: Store, run: str, out: str, report: dict) -> dict:
     return report
 
 
-@flow(name="evaluate", log_prints=True)
+@flow(name="evaluate", flow_run_name="evaluate/{run}", log_prints=True)
 def evaluate(run: str = "toy", config: EvaluateConfig | None = None,
-             store: str = "file://./artifacts") -> dict:
-    """Generate test videos for base and adapters, score them, report the paper's tables."""
-    started, st = time.time(), Store(store)
-    cfg = config or recorded_config(st, run, STAGE, EvaluateConfig)
+             store: str = "file://./artifacts",
+             overrides: list[str] | None = None) -> dict:
+    """Generate test videos for base and adapters, score them, report the paper's tables.
+
+    Args:
+        run: the run's name (runs/<run>/ in the store); its other stages' outputs are read
+            from the run index.
+        config: this stage's section; empty = the section the run last used (recorded in
+            the run index), not the real-model defaults.
+        store: artifact store URL (file://... or s3://bucket/prefix; credentials come from
+            the environment).
+        overrides: `--set`-style changes applied on top, e.g. ["evaluate.workers=4"];
+            validated before any work.
+    """
+    s = StageRun(STAGE, run, config, store, overrides)
+    cfg, st = s.cfg, s.store
     if "vbench" in cfg.evaluators:
         check_vbench(cfg.vbench)  # before any work: env and every weight file
-    pairs, pairs_success = input_manifest(st, run, "pairs")
-    tests = held_out_prompts(pairs, cfg.generate.max_prompts)
+    tests = held_out_prompts(s.rows("pairs", status=None), cfg.generate.max_prompts)
     models, train = models_to_compare(st, run, cfg)
     spec = base_spec(cfg, train)
     norm = recorded_config(st, run, "normalize", NormalizeConfig)
     # What shapes one video (its seed and prompt are its identity; which seeds and how many
     # prompts a run asks for is not, so adding a seed reuses every video already made).
-    gen = cfg.generate.model_dump(exclude={"device", "seeds", "max_prompts"})
-    from tasks.precompute import identity  # the weights themselves, not just the model's name
+    from models.runtime import weight_identity  # the weights themselves, not just the name
 
-    weights = identity(spec["model"], spec["kind"], spec["dtype"], "transformer")
+    gen = cfg.generate.model_dump(exclude={"device", "seeds", "max_prompts"})
+    weights = weight_identity(spec["model"], spec["kind"], spec["dtype"], "transformer")
     settings = {"generate": gen, "spec": {k: spec[k] for k in ("kind", "model", "dtype")} | {"weights": weights},
                 "normalize": norm.model_dump(exclude={"workers", "caption"})}
-    config_dump = cfg.model_dump(mode="json")
-    key = stage_key(STAGE, {"config": cfg.model_dump(mode="json", exclude={"workers"}),
-                            "settings": settings, "models": models},
-                    digest([pairs_success["manifest_sha256"], train.get("manifest")]))
-    if entry := committed_entry(st, run, STAGE, key, config_dump):
+    if entry := s.reuse({"config": cfg.model_dump(mode="json", exclude={"workers"}),
+                         "settings": settings, "models": models}, [train.get("manifest")]):
         return entry
     work = []
     for m in models:  # grouped by model: one adapter switch per model
         for t in tests:
             for seed in cfg.generate.seeds:
                 vid = f"{t['prompt_id']}-{m['label']}-s{seed}"
-                ikey = item_key(STAGE, {"test": t, "model": m, "seed": seed}, settings)
-                work.append((ikey, vid, {"id": vid, "test": t, "model": m, "seed": seed, "spec": spec,
-                                         "generate": cfg.generate.model_dump(),
-                                         "normalize": norm.model_dump()}))
+                work.append(s.work({"test": t, "model": m, "seed": seed}, settings, vid,
+                                   {"id": vid, "source": t["ref"], "test": t, "model": m,
+                                    "seed": seed, "spec": spec,
+                                    "generate": cfg.generate.model_dump(),
+                                    "normalize": norm.model_dump()}))
     try:
-        rows = run_items(STAGE, st, work, cfg.workers)
+        rows = s.map(work, cfg.workers)
     finally:
         release_pipeline()
     rows = [r | {"id": w[2]["id"]} for r, w in zip(rows, work)]
     if "proxy" in cfg.evaluators:
-        rows = _with_proxy(st, rows, cfg)
+        rows = _with_proxy(s, rows)
     vbench = None
     if "vbench" in cfg.evaluators and any(r.get("status") == "ok" for r in rows):
         vbench = vbench_scores(st.url, rows, cfg)
         rows = _merge_vbench(rows, vbench)
-    out = stage_dir(STAGE, key)
-    report = publish(st, run, out, build_report(run, rows, cfg, [m["label"] for m in models], tests, vbench))
+    report = publish(st, run, s.out, build_report(run, rows, cfg, [m["label"] for m in models],
+                                                  tests, vbench))
     get_run_logger().info("evaluate:\n%s", markdown(report))
-    inputs = {"pairs": pairs_success["manifest"]} | ({"train": train["manifest"]} if train else {})
-    return commit_stage(st.url, run, STAGE, key, rows, config_dump, inputs, started)
+    return s.commit(rows, {"train": train["manifest"]} if train else {})
 
 
-def _with_proxy(st: Store, rows: list[dict], cfg: EvaluateConfig) -> list[dict]:
-    """Proxy metric columns on every ok video (their own cached items)."""
+def _with_proxy(s: StageRun, rows: list[dict]) -> list[dict]:
+    """Proxy metric columns on every ok video (their own items, keyed on the video's bytes)."""
     ok = [r for r in rows if r.get("status") == "ok"]
-    proxy = cfg.proxy.model_dump()
-    work = [(item_key(STAGE, {"proxy_of": r["video"]}, proxy), r["id"],
-             {"id": r["id"], "video": r["video"], "proxy": proxy}) for r in ok]
-    scored = {r["id"]: s for r, s in zip(ok, run_items(PROXY, st, work, cfg.workers))}
+    proxy = s.cfg.proxy.model_dump()
+    work = [s.work({"proxy_of": r["video"], "artifacts": r.get("artifacts")}, proxy, r["id"],
+                   {"id": r["id"], "source": r["video"], "video": r["video"], "proxy": proxy})
+            for r in ok]
+    scored = {r["id"]: x for r, x in zip(ok, s.map(work, s.cfg.workers, fn="tasks.evaluate:proxy_item",
+                                                   name=PROXY))}
     out = []
     for r in rows:
-        s = scored.get(r["id"])
-        if s is None:
+        x = scored.get(r["id"])
+        if x is None:
             out.append(r)
-        elif s.get("status") != "ok":
-            out.append(r | {"proxy_reason": s.get("reason", "")})
+        elif x.get("status") != "ok":
+            out.append(r | {"proxy_reason": x.get("reason", "")})
         else:
-            out.append(r | {k: v for k, v in s.items() if k.startswith(PROXY_PREFIX)})
+            out.append(r | {k: v for k, v in x.items() if k.startswith(PROXY_PREFIX)})
     return out

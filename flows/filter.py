@@ -2,31 +2,15 @@
 
 from __future__ import annotations
 
-import time
-
 from prefect import flow
 
-from flows.common import ITEM_FUNCS, commit_stage, committed_entry, recorded_config, run_items
-from infra.config import FilterConfig, FilterSignals
-from infra.stage import input_manifest, item_key, stage_key
-from infra.store import Store
-from infra.video import FFmpegError, ProbeError, probe
-from tasks.filter import analyze, decide, explain
+from flows.dag import STAGES
+from flows.stage import StageRun
+from infra.config import FilterConfig
+from tasks.filter import decide, explain
 
-STAGE = "filter"
+STAGE = STAGES["filter"]
 PASSTHROUGH = ("id", "source", "caption", "sha256", "video", "bucket")
-
-
-def _work(store: Store, ikey: str, payload: dict) -> dict:
-    with store.local_copy(store.key_of(payload["video"])) as path:
-        try:
-            scores = analyze(path, probe(path), FilterSignals.model_validate(payload["signals"]))
-        except (FFmpegError, ProbeError) as e:
-            return {"status": "rejected", "reason": f"undecodable: {e}"}
-    return {"status": "scored", **scores}
-
-
-ITEM_FUNCS[STAGE] = _work
 
 
 def _judge(source: dict, scored: dict, cfg: FilterConfig) -> dict:
@@ -38,20 +22,28 @@ def _judge(source: dict, scored: dict, cfg: FilterConfig) -> dict:
                   "reason": explain(reasons[0], scored, cfg) if reasons else ""}
 
 
-@flow(name="filter", log_prints=True)
-def filter_videos(run: str = "toy", config: FilterConfig | None = None, store: str = "file://./artifacts") -> dict:
-    """Score every acquired video and reject static, cut, flashing, texty and slideshow clips."""
-    started, st = time.time(), Store(store)
-    cfg = config or recorded_config(st, run, STAGE, FilterConfig)
-    rows_in, success_in = input_manifest(st, run, "acquire")
-    accepted = [r for r in rows_in if r["status"] == "ok"]
-    config_dump = cfg.model_dump()
-    key = stage_key(STAGE, cfg.model_dump(exclude={"workers"}), success_in["manifest_sha256"])
-    if entry := committed_entry(st, run, STAGE, key, config_dump):
+@flow(name="filter", flow_run_name="filter/{run}", log_prints=True)
+def filter_videos(run: str = "toy", config: FilterConfig | None = None, store: str = "file://./artifacts",
+                  overrides: list[str] | None = None) -> dict:
+    """Score every acquired video and reject static, cut, flashing, texty and slideshow clips.
+
+    Args:
+        run: the run's name (runs/<run>/ in the store); its other stages' outputs are read
+            from the run index.
+        config: this stage's section; empty = the section the run last used (recorded in
+            the run index), not the real-model defaults.
+        store: artifact store URL (file://... or s3://bucket/prefix; credentials come from
+            the environment).
+        overrides: `--set`-style changes applied on top, e.g. ["filter.workers=4"];
+            validated before any work.
+    """
+    s = StageRun(STAGE, run, config, store, overrides)
+    accepted = s.rows("acquire")
+    if entry := s.reuse(s.cfg.model_dump(exclude={"workers"})):
         return entry
-    signals = cfg.signals.model_dump()
-    work = [(item_key(STAGE, {"sha256": r["sha256"]}, signals), r["id"],
-             {"id": r["id"], "video": r["video"], "signals": signals}) for r in accepted]
-    scored = run_items(STAGE, st, work, cfg.workers)
-    rows = [_judge(src, out, cfg) for src, out in zip(accepted, scored)]
-    return commit_stage(st.url, run, STAGE, key, rows, config_dump, {"acquire": success_in["manifest"]}, started)
+    signals = s.cfg.signals.model_dump()
+    work = [s.work({"sha256": r["sha256"]}, signals, r["id"],
+                   {"id": r["id"], "source": r["source"], "video": r["video"], "signals": signals})
+            for r in accepted]
+    scored = s.map(work, s.cfg.workers)
+    return s.commit([_judge(src, out, s.cfg) for src, out in zip(accepted, scored)])

@@ -4,39 +4,37 @@ train/test by GT clip. Cheap bookkeeping except for importing annotated videos."
 from __future__ import annotations
 
 import hashlib
-import re
-import time
 
 from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.tasks import exponential_backoff
 
-from flows.common import _transient, commit_stage, committed_entry, recorded_config
+from flows.dag import STAGES
+from flows.stage import StageRun, artifact_key, transient
 from infra.config import PairsConfig
-from infra.stage import input_manifest, stage_key
-from infra.store import Store, digest, open_url
+from infra.store import Store, open_url
 from tasks import pairs as tp
 
-STAGE = "pairs"
+STAGE = STAGES["pairs"]
 _NEGATIVES_MODE = {"gt_pair": "gt_pair", "local": "local_corrupt"}
 
 
 @task(name="import-annotated", cache_policy=NO_CACHE, retries=3,
-      retry_delay_seconds=exponential_backoff(backoff_factor=2), retry_condition_fn=_transient)
+      retry_delay_seconds=exponential_backoff(backoff_factor=2), retry_condition_fn=transient)
 def import_annotated(store_url: str, rows: list[dict], root: str) -> list[dict]:
     """Copy the kept pairs' videos into the store (each video once)."""
     return tp.import_pairs(Store(store_url), rows, root)
 
 
-def _negatives(st: Store, run: str, mode: str) -> tuple[list[dict], dict]:
-    rows, success = input_manifest(st, run, "negatives")
+def _negatives(s: StageRun, mode: str) -> list[dict]:
+    rows = s.rows("negatives", status=None)
     made = {r.get("mode") for r in rows} - {None}
     if made - {_NEGATIVES_MODE[mode]}:
         raise ValueError(f"pairs.mode {mode!r} pairs GT clips with {_NEGATIVES_MODE[mode]} "
                          f"negatives, but the run's negatives stage made {sorted(made)}; set "
                          f"negatives.mode: {_NEGATIVES_MODE[mode]} (or pairs.mode) and re-run")
-    return rows, success
+    return rows
 
 
 def _publish(run: str, cfg: PairsConfig, rows: list[dict], counts: dict | None) -> None:
@@ -46,39 +44,45 @@ def _publish(run: str, cfg: PairsConfig, rows: list[dict], counts: dict | None) 
     if counts:  # the paper's A.1 tally of the annotated scores
         lines += ["", "| annotated pairs (train clips) | count |", "|---|---|"]
         lines += [f"| {k} | {n} |" for k, n in counts.items()]
-    slug = re.sub(r"[^a-z0-9-]+", "-", f"{run}-pairs-counts".lower()).strip("-")
-    create_markdown_artifact(key=slug, markdown="\n".join(lines))
+    create_markdown_artifact(key=artifact_key(run, "pairs-counts"), markdown="\n".join(lines))
 
 
-@flow(name="pairs", log_prints=True)
+@flow(name="pairs", flow_run_name="pairs/{run}", log_prints=True)
 def pairs(run: str = "toy", config: PairsConfig | None = None,
-          store: str = "file://./artifacts") -> dict:
-    """Build the run's preference pairs and its held-out test set."""
-    started, st = time.time(), Store(store)
-    cfg = config or recorded_config(st, run, STAGE, PairsConfig)
-    rows_gt, success_gt = input_manifest(st, run, "normalize")
-    clips = [r for r in rows_gt if r["status"] == "ok"]
-    inputs, digests = {"normalize": success_gt["manifest"]}, [success_gt["manifest_sha256"]]
+          store: str = "file://./artifacts",
+          overrides: list[str] | None = None) -> dict:
+    """Build the run's preference pairs and its held-out test set.
+
+    Args:
+        run: the run's name (runs/<run>/ in the store); its other stages' outputs are read
+            from the run index.
+        config: this stage's section; empty = the section the run last used (recorded in
+            the run index), not the real-model defaults.
+        store: artifact store URL (file://... or s3://bucket/prefix; credentials come from
+            the environment).
+        overrides: `--set`-style changes applied on top, e.g. ["pairs.workers=4"];
+            validated before any work.
+    """
+    s = StageRun(STAGE, run, config, store, overrides)
+    cfg = s.cfg
+    clips = s.rows("normalize")
+    extra, inputs = [], {}
     if cfg.mode == "annotated":
         with open_url(cfg.annotated.scores) as f:
-            digests.append(hashlib.sha256(f.read()).hexdigest())
+            extra.append(hashlib.sha256(f.read()).hexdigest())
         inputs["scores"] = cfg.annotated.scores
     else:
-        negatives, success_neg = _negatives(st, run, cfg.mode)
-        digests.append(success_neg["manifest_sha256"])
-        inputs["negatives"] = success_neg["manifest"]
-    config_dump = cfg.model_dump()
-    key = stage_key(STAGE, config_dump, digest(digests))
-    if entry := committed_entry(st, run, STAGE, key, config_dump):
+        negatives = _negatives(s, cfg.mode)
+    if entry := s.reuse(cfg.model_dump(), extra):
         return entry
-    split = {c["id"]: tp.split_of(c["id"], cfg.test_fraction, cfg.split_seed) for c in clips}
+    split = tp.split_clips([c["id"] for c in clips], cfg.test_fraction, cfg.split_seed)
     counts = None
     if cfg.mode == "annotated":
         candidates, counts = tp.annotated_candidates(clips, tp.read_scores(cfg.annotated),
                                                      cfg.annotated, split)
-        train = import_annotated(st.url, candidates, cfg.annotated.video_root)
+        train = import_annotated(s.store.url, candidates, cfg.annotated.video_root)
     else:
         train = tp.negative_pairs(clips, negatives, split)
     rows = tp.held_out_rows(clips, split) + train
     _publish(run, cfg, rows, counts)
-    return commit_stage(st.url, run, STAGE, key, rows, config_dump, inputs, started)
+    return s.commit(rows, inputs)

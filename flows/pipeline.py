@@ -1,10 +1,11 @@
-"""The DAG. `curate` runs the data stages acquire -> filter -> normalize; `pipeline` runs them all:
+"""The DAG as flows. `curate` runs the data stages; `pipeline` runs them all, in the order of
+flows/dag.py, each stage reading what its `reads` name from the run index:
 
     acquire -> filter -> normalize -> negatives -> pairs -> precompute -> train -> evaluate
+    pairs reads normalize and negatives; evaluate reads pairs (the test split) and train
 
-Each stage is also its own flow and deployment; it reads its input from the run index
-(runs/<run>/run.json), so re-running one stage for a run reuses the committed output of the
-others, and an unchanged stage is a lookup, not work.
+Each stage is also its own flow and deployment: re-running one for a run reuses the committed
+output of the others, and an unchanged stage is a lookup, not work.
 """
 
 from __future__ import annotations
@@ -12,34 +13,47 @@ from __future__ import annotations
 from prefect import flow, get_run_logger
 
 from flows.acquire import acquire
+from flows.dag import CURATE, OPTIONAL, ORDER, STAGES
 from flows.evaluate import evaluate
 from flows.filter import filter_videos
 from flows.negatives import negatives
 from flows.normalize import normalize
 from flows.pairs import pairs
+from flows.preflight import preflight
 from flows.precompute import precompute
 from flows.train import train
 from infra.config import RunConfig
 from infra.store import Store
 
-CURATE = {"acquire": acquire, "filter": filter_videos, "normalize": normalize}
-STAGES = CURATE | {"negatives": negatives, "pairs": pairs, "precompute": precompute,
-                   "train": train, "evaluate": evaluate}
-# Sections a run may leave out (None): the run then stops before that stage.
-OPTIONAL = ("train", "evaluate")
+FLOWS = {"acquire": acquire, "filter": filter_videos, "normalize": normalize,
+         "negatives": negatives, "pairs": pairs, "precompute": precompute, "train": train,
+         "evaluate": evaluate}
+assert tuple(FLOWS) == ORDER, "flows/dag.py and the flows disagree on the stages"
 
 
-def _run_stages(stages: dict, run: str, config: RunConfig, only: list[str] | None,
-                nproc: int = 1) -> dict:
-    unknown = set(only or []) - set(stages)
+def check_stages(stages: tuple[str, ...], config: RunConfig, only: list[str] | None) -> None:
+    """Refuse an unknown stage or one whose section is missing, before anything runs."""
+    unknown = [s for s in only or [] if s not in stages]
     if unknown:
-        raise ValueError(f"unknown stage(s) {sorted(unknown)}; stages are {list(stages)}")
+        raise ValueError(f"unknown stage(s) {unknown}; stages are {', '.join(stages)}")
     for name in OPTIONAL:
         if only and name in only and getattr(config, name) is None:
             raise ValueError(f"--only {name}: the run config has no `{name}` section")
-    Store(config.store).update_run(run, config=config.model_dump(mode="json"))
+
+
+def selected(stages: tuple[str, ...], config: RunConfig, only: list[str] | None) -> list[str]:
+    """The stages that will run: those named (all by default) whose section the config has."""
+    return [s for s in stages if (not only or s in only) and getattr(config, s) is not None]
+
+
+def _run_stages(stages: tuple[str, ...], run: str, config: RunConfig, only: list[str] | None,
+                nproc: int = 1) -> dict:
+    check_stages(stages, config, only)
+    preflight(config, selected(stages, config, only))
+    # The store is wherever run.json is: recording its URL would pin a copied store to the old one.
+    Store(config.store).update_run(run, config=config.model_dump(mode="json", exclude={"store"}))
     log, results = get_run_logger(), {}
-    for name, stage_flow in stages.items():
+    for name in stages:
         if only and name not in only:
             continue
         section = getattr(config, name)
@@ -47,19 +61,20 @@ def _run_stages(stages: dict, run: str, config: RunConfig, only: list[str] | Non
             log.info("%s: skipped (the run config has no `%s` section)", name, name)
             continue
         extra = {"nproc": nproc} if name == "train" else {}
-        results[name] = stage_flow(run=run, config=section, store=config.store, **extra)
-        log.info("%s: %s", name, results[name]["counts"])
+        results[name] = FLOWS[name](run=run, config=section, store=config.store, **extra)
+        log.info("%s (reads %s): %s", name, ", ".join(STAGES[name].reads) or "sources",
+                 results[name]["counts"])
     return results
 
 
-@flow(name="curate", log_prints=True)
+@flow(name="curate", flow_run_name="curate/{run}", log_prints=True)
 def curate(run: str = "toy", config: RunConfig = RunConfig(), only: list[str] | None = None) -> dict:
     """Real videos to GT clips: acquire -> filter -> normalize."""
     return _run_stages(CURATE, run, config, only)
 
 
-@flow(name="pipeline", log_prints=True)
+@flow(name="pipeline", flow_run_name="pipeline/{run}", log_prints=True)
 def pipeline(run: str = "toy", config: RunConfig = RunConfig(), only: list[str] | None = None,
              nproc: int = 1) -> dict:
     """Every stage in order (or only those named) for `run`; `nproc` processes train."""
-    return _run_stages(STAGES, run, config, only, nproc)
+    return _run_stages(ORDER, run, config, only, nproc)

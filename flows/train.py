@@ -12,11 +12,9 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import subprocess
 import sys
 import tempfile
-import time
 from collections import deque
 from pathlib import Path
 
@@ -24,14 +22,14 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
-from flows.common import _flow_run_id, commit_stage, committed_entry, recorded_config
+from flows.dag import STAGES
+from flows.stage import StageRun, artifact_key, flow_run_id
+from infra.config import TrainConfig
 from infra.plots import fig2_panels
-from infra.stage import stage_dir, stage_key
+from infra.stage import output_digest, stage_dir
 from infra.store import Store
-from tasks.train import RESULT_PREFIX, TrainConfig, check_launch, config_digest
-from tasks.train import train as train_loop
 
-STAGE = "train"
+STAGE = STAGES["train"]
 REPO = Path(__file__).resolve().parents[1]
 LOG_TAIL = 60  # lines of the launch's output a failure quotes
 
@@ -40,7 +38,7 @@ def pairs_dir(st: Store, run: str, cfg: TrainConfig, pairs: str | None) -> str:
     """The store key of the pairs dataset: `pairs` (URI or key), else train.data, else the
     run's committed precompute stage."""
     if pairs:
-        return st.key_of(pairs) if "://" in pairs else pairs
+        return st.key_of(pairs)
     if cfg.data:
         return cfg.data
     entry = ((st.read_run(run) or {}).get("stages") or {}).get("precompute")
@@ -48,7 +46,7 @@ def pairs_dir(st: Store, run: str, cfg: TrainConfig, pairs: str | None) -> str:
         raise LookupError(
             f"run {run!r} has no pairs to train on in {st.url}: no committed 'precompute' stage "
             "and no train.data; run the precompute stage first, or pass `pairs` (the URI of a "
-            "committed pairs dataset, e.g. one written by tasks.train.write_random_pairs)")
+            "committed pairs dataset, i.e. a precompute stage's output dir)")
     return stage_dir("precompute", entry["key"])
 
 
@@ -59,8 +57,10 @@ def _run_precompute(st: Store, run: str) -> str | None:
 
 @task(name="train-loop", cache_policy=NO_CACHE)
 def train_adapter(cfg: TrainConfig, store_url: str, out: str, nproc: int = 1) -> dict:
-    """Train (or resume) into `out`, in this process or `nproc` torchrun ones; counts and URIs."""
+    """Train (or resume) into `out`, in this process or `nproc` torchrun ones; counts and keys."""
     if nproc == 1:
+        from tasks.train import train as train_loop
+
         return train_loop(cfg, Store(store_url), out)
     return torchrun(cfg, store_url, out, nproc)
 
@@ -69,6 +69,8 @@ def torchrun(cfg: TrainConfig, store_url: str, out: str, nproc: int) -> dict:
     """`torchrun --standalone --nproc-per-node N -m tasks.train` (an argument list, no shell),
     every output line logged as it comes; rank 0's result line, or a RuntimeError quoting the
     tail of the output."""
+    from tasks.train import RESULT_PREFIX
+
     logger = get_run_logger()
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(
         p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)}
@@ -101,7 +103,7 @@ def torchrun(cfg: TrainConfig, store_url: str, out: str, nproc: int) -> dict:
 
 @task(name="fig2-plot", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=5)
 def plot_fig2(store_url: str, metrics_uri: str, png_key: str, title: str) -> str:
-    """The Fig. 2 panels of the metrics log as a PNG in the store; returns its URI."""
+    """The Fig. 2 panels of the metrics log as a PNG in the store; returns its key."""
     st = Store(store_url)
     rows = [json.loads(line) for line in st.read_bytes(st.key_of(metrics_uri)).decode().splitlines()
             if line.strip()]
@@ -122,9 +124,11 @@ def collapse_note(rows: list[dict]) -> str:
             "`r: dgr`) or a smaller learning rate.\n\n")
 
 
-def publish(run: str, outputs: dict, rows: list[dict]) -> None:
+def publish(run: str, st: Store, outputs: dict, rows: list[dict]) -> None:
     """Markdown report, a link to the plot, and the last step's metrics as a table."""
-    slug = re.sub(r"[^a-z0-9-]+", "-", f"{run}-train".lower()).strip("-")  # Prefect's key rule
+    outputs = {k: st.uri(v) if k in ("adapter", "metrics", "tensorboard", "fig2") else v
+               for k, v in outputs.items()}  # full URIs for the reader; rows keep keys
+    slug = artifact_key(run, "train")
     last = rows[-1] if rows else {}
     create_markdown_artifact(
         key=slug + "-report",
@@ -142,41 +146,63 @@ def publish(run: str, outputs: dict, rows: list[dict]) -> None:
                           description=f"metrics of the last step of run {run}")
 
 
-@flow(name="train", log_prints=True)
+@flow(name="train", flow_run_name="train/{run}", log_prints=True)
 def train(run: str = "toy", config: TrainConfig | dict | None = None,
-          store: str = "file://./artifacts", pairs: str | None = None, nproc: int = 1) -> dict:
+          store: str = "file://./artifacts",
+          overrides: list[str] | None = None, pairs: str | None = None, nproc: int = 1) -> dict:
     """LoRA post-training (Reg-DPO, DPO, SFT, region, KTO) on a committed pairs dataset;
-    `nproc` processes on this machine (torchrun), laid out by the config's `parallel` section."""
+    `nproc` processes on this machine (torchrun), laid out by the config's `parallel` section.
+
+    Args:
+        run: the run's name (runs/<run>/ in the store); its other stages' outputs are read
+            from the run index.
+        config: this stage's section; empty = the section the run last used (recorded in
+            the run index), not the real-model defaults.
+        store: artifact store URL (file://... or s3://bucket/prefix; credentials come from
+            the environment).
+        overrides: `--set`-style changes applied on top, e.g. ["train.steps=60"];
+            validated before any work.
+        pairs: a pairs dataset (store key or URI) instead of the run's precompute output.
+        nproc: processes (GPUs) on this machine; > 1 launches torchrun.
+    """
+    from tasks.train import check_launch, config_digest
+
     if nproc < 1:
         raise ValueError(f"nproc must be >= 1 (processes on this machine), got {nproc}")
-    started, st = time.time(), Store(store)
-    if config is None:
-        cfg = recorded_config(st, run, STAGE, TrainConfig)
-    else:
-        cfg = TrainConfig.model_validate(config)
-    check_launch(cfg, nproc)  # a layout that cannot fit fails before any work
-    data = pairs_dir(st, run, cfg, pairs)
-    cfg = cfg.model_copy(update={"data": data})
+    s = StageRun(STAGE, run, config, store, overrides)
+    st = s.store
+    check_launch(s.cfg, nproc)  # a layout that cannot fit fails before any work
+    data = pairs_dir(st, run, s.cfg, pairs)
+    cfg = s.cfg = s.cfg.model_copy(update={"data": data})
     data_success = st.read_success(data)  # raises, naming the dir, if the pairs never committed
-    key = stage_key(STAGE, config_digest(cfg, data_success["manifest_sha256"])[1],
-                    data_success["manifest_sha256"])
-    config_dump = cfg.model_dump(mode="json")
-    if entry := committed_entry(st, run, STAGE, key, config_dump):
-        row = st.read_manifest(stage_dir(STAGE, key))[0].to_pylist()[0]
+    from models.runtime import weight_identity  # the base weights, not just their name
+
+    weights = weight_identity(cfg.model, cfg.kind, cfg.dtype, "transformer")
+    settings = config_digest(cfg, data_success["manifest_sha256"])[1] | {"weights": weights}
+    if entry := s.reuse(settings, [output_digest(data_success)]):
+        row = st.read_manifest(s.out)[0].to_pylist()[0]
         return entry | {k: row[k] for k in ("adapter", "metrics", "tensorboard", "fig2")}
-    out = stage_dir(STAGE, key)
-    outputs = train_adapter(cfg, st.url, out, nproc)
+    outputs = train_adapter(cfg, st.url, s.out, nproc)
     title = f"run {run}: {cfg.loss.kind}, β={cfg.loss.beta}, r={cfg.loss.r}"
-    outputs["fig2"] = plot_fig2(st.url, outputs["metrics"], f"{out}/fig2.png", title)
-    rows = [json.loads(line) for line in st.read_bytes(st.key_of(outputs["metrics"])).decode()
+    outputs["fig2"] = plot_fig2(st.url, outputs["metrics"], f"{s.out}/fig2.png", title)
+    rows = [json.loads(line) for line in st.read_bytes(outputs["metrics"]).decode()
             .splitlines() if line.strip()]
     if note := collapse_note(rows):
         get_run_logger().warning(note.replace("**", ""))
-    publish(run, outputs, rows)
+    publish(run, st, outputs, rows)
+    # The adapter is the stage's result: recorded with its size and digest, checked on reuse.
+    st.record(outputs["adapter"], *_size_sha(st, outputs["adapter"]))
     row = {"id": "adapter", "status": "ok", "reason": "", **outputs,
-           "collapse_steps": sum(bool(r.get("collapse")) for r in rows), "flow_run": _flow_run_id()}
+           "artifacts": st.take_receipts(lambda k: k == outputs["adapter"]),
+           "collapse_steps": sum(bool(r.get("collapse")) for r in rows), "flow_run": flow_run_id()}
     # Named "precompute" when it is the run's own pre-encoded pairs (the report checks staleness).
     source = "precompute" if data == _run_precompute(st, run) else "pairs_dataset"
-    entry = commit_stage(st.url, run, STAGE, key, [row], config_dump,
-                         {source: data_success["manifest"]}, started)
+    entry = s.commit([row], {source: data_success["manifest"]})
     return entry | {k: outputs[k] for k in ("adapter", "metrics", "tensorboard", "fig2")}
+
+
+def _size_sha(st: Store, key: str) -> tuple[int, str]:
+    import hashlib
+
+    data = st.read_bytes(key)
+    return len(data), hashlib.sha256(data).hexdigest()

@@ -23,23 +23,14 @@ from typing import Any
 import numpy as np
 import torch
 from peft.utils import set_peft_model_state_dict
-from pydantic import Field
 from safetensors.torch import load as load_safetensors
 
-from infra.config import Section
 from infra.store import Store, join_key
 from models.wan import lora_parameters, save_lora
 
 LATEST = "latest.json"
 ADAPTER_FILE = "pytorch_lora_weights.safetensors"
 _PREFIX = "transformer."  # diffusers' LoRA key prefix for the denoiser
-
-
-class CheckpointConfig(Section):
-    """The `train.checkpoint` section. Not part of the config digest: it changes no numbers."""
-
-    every: int = Field(100, ge=1, description="write a checkpoint every N optimizer steps")
-    resume: bool = Field(True, description="continue from the output's latest checkpoint if any")
 
 
 class ConfigMismatchError(ValueError):
@@ -135,7 +126,7 @@ class Checkpointer:
         # Last: until this pointer moves, readers (and a resume) see the previous checkpoint.
         self.store.write_json(f"{self.prefix}/{LATEST}",
                               {"step": step, "dir": name, "config_digest": self.config_digest})
-        return self.store.uri(base)
+        return base
 
     def load(self, transformer: torch.nn.Module, optimizer: torch.optim.Optimizer,
              lr_scheduler: Any) -> dict[str, Any]:

@@ -1,6 +1,6 @@
 """Processes, process groups and collectives for multi-rank training (torchrun), and context
 parallelism applied to a WanTransformer3DModel from outside through hooks and an attention
-processor. Model code never sees any of this (DESIGN "Layout").
+processor. Model code never sees any of this (docs/architecture.md, "Layers").
 
 Rank layout. The world of W ranks is a (dp, pair, cp) grid, cp innermost:
 - cp   ranks share one sample's video tokens (context parallelism over the sequence axis);

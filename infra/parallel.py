@@ -27,46 +27,14 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import warnings
-from typing import Callable, ContextManager, Literal
+from typing import Callable, ContextManager
 
 import torch
-from pydantic import Field
 from torch import Tensor
 
-from infra.config import Section
+from infra.config import ParallelConfig
 from infra.distributed import Layout, apply_context_parallel, exchange_errors
 from models.wan import lora_parameters
-
-
-class ParallelConfig(Section):
-    """The `train.parallel` section: how one training step is laid out in memory."""
-
-    pair_batch: bool = Field(
-        True, description="win and lose of a pair go through one forward as a batch of 2; "
-        "off = two separate forwards (same numbers, less peak activation sharing)")
-    gradient_checkpointing: bool = Field(
-        False, description="recompute each transformer block's activations in backward")
-    checkpoint_every: int = Field(
-        1, ge=1, description="with gradient_checkpointing: recompute every k-th block only "
-        "(1 = all blocks; larger trades memory for less recompute)")
-    bf16: bool = Field(True, description="bfloat16 autocast; applies on CUDA only")
-    fsdp: bool = Field(
-        False, description="FSDP2: shard the frozen base weights over all ranks (fully_shard "
-        "per block, then the root); the LoRA weights stay whole on every rank")
-    context_parallel: int = Field(
-        1, ge=1, description="ranks that split one sample's video tokens (sequence axis); "
-        "must divide the number of processes and the token count")
-    pair_parallel: bool = Field(
-        False, description="win side on one rank, lose side on its partner, exchanging only "
-        "the per-sample errors (needs an even number of processes)")
-    attention: Literal["auto", "sdpa", "flash"] = Field(
-        "auto", description="attention kernel: flash = the flash-attn package (`pip install "
-        ".[gpu]`, CUDA only); sdpa = torch's scaled_dot_product_attention; auto = flash when "
-        "installed and on CUDA, else sdpa")
-
-    @property
-    def pair_degree(self) -> int:
-        return 2 if self.pair_parallel else 1
 
 
 def parallelize(transformer: torch.nn.Module, cfg: ParallelConfig,

@@ -2,7 +2,7 @@
 lose_gap, s, L_dpo against the step), for one run or several overlaid (DPO vs Reg-DPO).
 
 Input rows are the lines of the trainer's `metrics.jsonl` (tasks.train.MetricsLog): dicts with
-`step` and the metrics of DESIGN "Training: losses (exact)". A metric a row lacks, or logged as
+`step` and the metrics of docs/architecture.md, "Training: losses (exact)". A metric a row lacks, or logged as
 null (a skipped non-finite step), leaves a gap in its curve.
 """
 

@@ -1,54 +1,48 @@
-"""Deterministic keys and per-item checkpoints for stages (no Prefect here).
+"""Deterministic keys and verified per-item checkpoints for stages (no Prefect here).
 
-- item key   = digest(stage, the item's input identity, the settings that affect it, code version)
-- stage key  = digest(stage, its config, input manifest digest, code version)
+- item key   = digest(stage, the item's input identity, the settings that affect it, code)
+- stage key  = digest(stage, its config, its input manifests' digests, code)
+
+`code` is the digest of the functions that compute the stage's output (infra.code, declared
+per stage in flows/dag.py). No key holds a store URL: a copied or synced store keeps its keys.
 
 An item's row is committed as `items/<stage>/<item key>/row.json`, written after its
-artifacts; a killed stage restarted with the same inputs finds those rows and redoes nothing
-that was committed. The stage manifest is assembled from the rows and committed last.
+artifacts, and records each artifact's key, size and sha256. A row whose file is unreadable, or
+whose artifacts are missing or of another size, does not count as committed: the item is
+recomputed. The stage manifest is assembled from the rows and committed last
+(docs/architecture.md, "The stage contract").
 """
 
 from __future__ import annotations
 
-import hashlib
-import importlib.util
+import json
+import posixpath
 import time
-from functools import lru_cache
-from pathlib import Path
+from typing import Iterable
 
 from infra.store import Store, digest, join_key
 
-# The modules whose source defines each stage's output; editing one invalidates its keys.
-STAGE_MODULES: dict[str, tuple[str, ...]] = {
-    "acquire": ("tasks.acquire", "infra.video"),
-    "filter": ("tasks.filter", "infra.video"),
-    "normalize": ("tasks.normalize", "infra.video", "models.captioner"),
-    "negatives": ("tasks.negatives", "tasks.precompute", "tasks.normalize", "infra.video",
-                  "models.wan"),
-    "pairs": ("tasks.pairs",),
-    "precompute": ("tasks.precompute", "models.wan", "infra.video", "tasks.train"),
-    "train": ("tasks.train", "losses.preference", "losses.errors", "models.wan", "infra.parallel",
-              "infra.distributed", "infra.checkpoint"),
-    # The code a test video depends on (the report's code does not: editing it regenerates nothing).
-    "evaluate": ("tasks.evaluate", "tasks.negatives", "tasks.normalize", "infra.video", "models.wan"),
-}
+
+# Row fields that say when and by whom a row was made, not what it is: left out of the content
+# digest that downstream keys use, so recomputing an item to the same result re-keys nothing.
+VOLATILE = ("computed_at", "flow_run", "row_size", "gen_seconds")
 
 
-@lru_cache(maxsize=None)
-def code_version(stage: str) -> str:
-    """Digest of the stage's source files, read without importing them (no heavy imports)."""
-    h = hashlib.sha256()
-    for name in STAGE_MODULES[stage]:
-        h.update(Path(importlib.util.find_spec(name).origin).read_bytes())
-    return h.hexdigest()[:16]
+def content_digest(rows: list[dict]) -> str:
+    return digest([{k: v for k, v in r.items() if k not in VOLATILE} for r in rows], 64)
 
 
-def item_key(stage: str, identity: dict, settings: dict) -> str:
-    return digest({"stage": stage, "item": identity, "settings": settings, "code": code_version(stage)})
+def output_digest(success: dict) -> str:
+    """What a downstream key digests of a committed input: its content, not its bytes."""
+    return success.get("content_digest") or success["manifest_sha256"]
 
 
-def stage_key(stage: str, config: dict, input_digest: str) -> str:
-    return digest({"stage": stage, "config": config, "input": input_digest, "code": code_version(stage)})
+def item_key(stage: str, identity: dict, settings: dict, code: str) -> str:
+    return digest({"stage": stage, "item": identity, "settings": settings, "code": code})
+
+
+def stage_key(stage: str, config: dict, input_digest: str, code: str) -> str:
+    return digest({"stage": stage, "config": config, "input": input_digest, "code": code})
 
 
 def stage_dir(stage: str, key: str) -> str:
@@ -59,22 +53,81 @@ def item_dir(stage: str, ikey: str) -> str:
     return join_key("items", stage, ikey)
 
 
+def _row_key(stage: str, ikey: str) -> str:
+    return f"{item_dir(stage, ikey)}/row.json"
+
+
+def artifact_problems(row: dict, sizes: dict[str, int]) -> list[str]:
+    """What is wrong with a row's recorded artifacts, given the store's sizes of their keys."""
+    problems = []
+    for a in row.get("artifacts") or []:
+        size = sizes.get(a["key"])
+        if size is None:
+            problems.append(f"{a['key']} is missing")
+        elif size != a["size"]:
+            problems.append(f"{a['key']} has {size} bytes, the row recorded {a['size']}")
+    return problems
+
+
 def load_row(store: Store, stage: str, ikey: str) -> dict | None:
+    """The committed row of an item, or None when it has none or it cannot be trusted (row.json
+    unreadable, an artifact missing or of another size): then the item is recomputed."""
     try:
-        return store.read_json(f"{item_dir(stage, ikey)}/row.json")
+        row = json.loads(store.read_bytes(_row_key(stage, ikey)))
     except FileNotFoundError:
         return None
+    except (ValueError, UnicodeDecodeError):
+        return None  # a torn or corrupted row.json is not a commit
+    if not isinstance(row, dict) or row.get("item_key") != ikey:
+        return None
+    sizes: dict[str, int] = {}
+    for prefix in {posixpath.dirname(a["key"]) for a in row.get("artifacts") or []}:
+        sizes |= store.sizes(prefix)
+    return None if artifact_problems(row, sizes) else row
 
 
 def save_row(store: Store, stage: str, ikey: str, row: dict) -> dict:
-    """Commit an item: called after all of its artifacts are written."""
-    row = {**row, "item_key": ikey, "computed_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-    store.write_json(f"{item_dir(stage, ikey)}/row.json", row)
+    """Commit an item: called after all of its artifacts are written (by `store`, whose
+    receipts of the item's dir and of the keys the row names become the row's artifacts)."""
+    here = item_dir(stage, ikey) + "/"
+    named = {v for v in row.values() if isinstance(v, str)}
+    artifacts = store.take_receipts(lambda k: k.startswith(here) or k in named)
+    row = {**row, "item_key": ikey, "artifacts": artifacts,
+           "computed_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    store.write_json(_row_key(stage, ikey), row)
     return row
 
 
+def bad_rows(store: Store, stage: str, rows: Iterable[dict]) -> list[dict]:
+    """The rows of a committed manifest whose row.json or artifacts no longer match what was
+    committed (one listing per prefix, not one request per item)."""
+    rows = list(rows)
+    prefixes = {f"items/{stage}"}
+    for r in rows:
+        prefixes |= {posixpath.dirname(a["key"]) for a in r.get("artifacts") or []
+                     if not a["key"].startswith(f"items/{stage}/")}
+    sizes: dict[str, int] = {}
+    for prefix in sorted(prefixes):
+        sizes |= store.sizes(prefix)
+    bad = []
+    for r in rows:
+        row_file = _row_key(stage, r["item_key"]) if r.get("item_key") else None
+        if row_file and sizes.get(row_file) != r.get("row_size"):
+            bad.append(r)
+        elif artifact_problems(r, sizes):
+            bad.append(r)
+    return bad
+
+
+def row_sizes(store: Store, stage: str, rows: list[dict]) -> list[dict]:
+    """The rows with the size of their committed row.json (what reuse checks against)."""
+    sizes = store.sizes(f"items/{stage}")
+    return [r | {"row_size": sizes.get(_row_key(stage, r["item_key"]))} if r.get("item_key")
+            else r for r in rows]
+
+
 def input_manifest(store: Store, run: str, stage: str) -> tuple[list[dict], dict]:
-    """The committed manifest `stage` produced for `run` (via runs/<run>/run.json)."""
+    """The committed manifest `stage` produced for `run` (via the run index)."""
     index = store.read_run(run)
     if not index or stage not in index.get("stages", {}):
         raise LookupError(
@@ -83,3 +136,4 @@ def input_manifest(store: Store, run: str, stage: str) -> tuple[list[dict], dict
         )
     table, success = store.read_manifest(stage_dir(stage, index["stages"][stage]["key"]))
     return table.to_pylist(), success
+

@@ -1,6 +1,6 @@
 """The artifact store: one fsspec root (file:// or s3://), atomic writes, committed manifests.
 
-Contract (DESIGN.md, "Artifact store and stage contract"):
+Contract (docs/architecture.md, "The stage contract"):
 - every key is a relative path of safe parts; nothing derived from data can leave the root;
 - an object becomes visible whole or not at all (temp + rename locally, one PUT on S3);
 - a stage manifest exists for readers only once its `_SUCCESS.json` is written, last,
@@ -18,6 +18,7 @@ import posixpath
 import re
 import shutil
 import tempfile
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -34,6 +35,9 @@ MANIFEST = "manifest.parquet"
 
 # Letters, digits and . _ = - only; no leading dot (temp files and `..` both start with one).
 _SAFE_PART = re.compile(r"^[A-Za-z0-9_=-][A-Za-z0-9._=-]{0,199}$")
+
+
+_S3_CREATE = threading.Lock()  # see Store.create_bytes
 
 
 class StoreError(RuntimeError):
@@ -75,6 +79,25 @@ def join_key(*parts: str) -> str:
     return "/".join(out)
 
 
+def check_store_url(url: str) -> str:
+    """Refuse a store URL that carries credentials (user:password@, or a query string, where
+    presigned secrets live): credentials come from the environment, and a URL ends up in logs.
+    The message never repeats the URL."""
+    scheme, sep, rest = url.partition("://")
+    authority = rest.split("/", 1)[0] if sep else ""
+    if "@" in authority or (sep and scheme != "file" and "@" in rest):
+        raise StoreError(
+            "store URL must not carry credentials (user:password@): set AWS_ACCESS_KEY_ID / "
+            "AWS_SECRET_ACCESS_KEY (and AWS_ENDPOINT_URL) in the environment instead"
+        )
+    if "?" in url or "#" in url:
+        raise StoreError(
+            "store URL must not have a query string or fragment (that is where presigned "
+            "secrets live): give only scheme://bucket/prefix, credentials in the environment"
+        )
+    return url
+
+
 class Store:
     """An artifact store rooted at an fsspec URL.
 
@@ -84,13 +107,7 @@ class Store:
     """
 
     def __init__(self, url: str):
-        rest = url.split("://", 1)[-1]
-        remote = "://" in url and not url.startswith("file://")
-        if "@" in (rest if remote else rest.split("/", 1)[0]):
-            raise StoreError(
-                "store URL must not carry credentials; set AWS_ACCESS_KEY_ID / "
-                "AWS_SECRET_ACCESS_KEY (and AWS_ENDPOINT_URL) in the environment instead"
-            )
+        check_store_url(url)
         if "://" not in url:
             url = "file://" + os.path.abspath(url)
         elif url.startswith("file://"):
@@ -101,6 +118,8 @@ class Store:
         self.local = isinstance(self.fs, LocalFileSystem)
         if self.local:
             os.makedirs(self.root, exist_ok=True)
+        self._receipts: dict[str, dict] = {}  # key -> {size, sha256} of what this object wrote
+        self._receipts_lock = threading.Lock()
 
     def __repr__(self) -> str:
         return f"Store({self.url!r})"
@@ -118,15 +137,19 @@ class Store:
     def uri(self, key: str) -> str:
         return f"{self.url}/{join_key(key)}"
 
-    def key_of(self, uri: str) -> str:
-        """The key of a URI inside this store; raises PathEscapeError for anything else."""
-        prefix = self.url + "/"
-        if not uri.startswith(prefix):
-            raise PathEscapeError(f"{uri!r} is not inside the store {self.url!r}")
-        key = uri[len(prefix) :]
-        if posixpath.normpath(key) != key:
-            raise PathEscapeError(f"{uri!r} is not a normalized store URI")
-        return join_key(key)
+    def key_of(self, ref: str) -> str:
+        """The key a reference names: a store-relative key (what manifests, rows and the run
+        index hold), or a full URI inside this store. Raises PathEscapeError for anything else."""
+        if not isinstance(ref, str) or not ref:
+            raise PathEscapeError(f"{ref!r} is not a store key")
+        if "://" in ref:
+            prefix = self.url + "/"
+            if not ref.startswith(prefix):
+                raise PathEscapeError(f"{ref!r} is not inside the store {self.url!r}")
+            ref = ref[len(prefix):]
+        if posixpath.normpath(ref) != ref:
+            raise PathEscapeError(f"{ref!r} is not a normalized store key")
+        return join_key(ref)
 
     def local_path(self, key: str) -> str | None:
         """A path on this machine for the key when the store is local, else None."""
@@ -157,6 +180,20 @@ class Store:
                 continue
             out.append(f"{join_key(prefix)}/{leaf}")
         return sorted(out)
+
+    def sizes(self, prefix: str) -> dict[str, int]:
+        """key -> size of every object under `prefix` (one recursive listing)."""
+        base = self.path(prefix)
+        try:
+            found = self.fs.find(base, detail=True)
+        except FileNotFoundError:
+            return {}
+        out = {}
+        for path, info in found.items():
+            rel = path[len(self.root) + 1:] if path.startswith(self.root + "/") else None
+            if rel and not posixpath.basename(rel).startswith(".") and info.get("type") != "directory":
+                out[rel] = int(info.get("size") or 0)
+        return out
 
     def get_file(self, key: str, local: str | os.PathLike) -> None:
         self.fs.get_file(self.path(key), os.fspath(local))
@@ -191,12 +228,58 @@ class Store:
                     os.unlink(tmp)
         else:
             self.fs.pipe_file(path, data)  # one PUT: the object appears whole or not at all
-        return self.uri(key)
+        return self.record(key, len(data), hashlib.sha256(data).hexdigest())
 
     def write_json(self, key: str, obj: Any) -> str:
         return self.write_bytes(key, json.dumps(obj, indent=2, sort_keys=True, default=str).encode())
 
+    def create_bytes(self, key: str, data: bytes) -> bool:
+        """Write `key` only if no object is there yet; False (nothing written) if one was.
+
+        Local: the bytes go to a temp file whole, then link(2) names it: the link fails if the
+        name exists, atomically across processes, and readers only ever see the whole object.
+        S3: a conditional PUT (If-None-Match: *), which AWS S3 and MinIO enforce; some
+        S3-compatible servers (rclone serve s3) ignore the condition, so a process-wide lock and
+        a HEAD check make it exact within one process: one writer process per prefix there."""
+        path = self.path(key)
+        if not self.local:
+            with _S3_CREATE:
+                if self._head(path):
+                    return False
+                try:
+                    self.fs.pipe_file(path, data, mode="create")
+                except FileExistsError:
+                    return False
+                except OSError:
+                    if self._head(path):  # a 412 some servers send without naming it
+                        return False
+                    raise
+                return True
+        os.makedirs(posixpath.dirname(path), exist_ok=True)
+        tmp = posixpath.join(posixpath.dirname(path), f".tmp-{uuid.uuid4().hex}")
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.link(tmp, path)
+            return True
+        except FileExistsError:
+            return False
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+
+    def _head(self, path: str) -> bool:
+        try:
+            self.fs.info(path, refresh=True)
+            return True
+        except FileNotFoundError:
+            return False
+
     def put_file(self, local: str | os.PathLike, key: str) -> str:
+        """Copy a local file to `key` atomically; returns the key."""
+        size, sha = file_digest(local)
         path = self.path(key)
         if self.local:
             os.makedirs(posixpath.dirname(path), exist_ok=True)
@@ -212,7 +295,20 @@ class Store:
         else:
             # S3 objects (single or multipart upload) become visible only when complete.
             self.fs.put_file(os.fspath(local), path)
-        return self.uri(key)
+        return self.record(key, size, sha)
+
+    def record(self, key: str, size: int, sha256: str) -> str:
+        """Note that `key` holds these bytes (a row's artifacts come from these receipts)."""
+        key = join_key(key)
+        with self._receipts_lock:
+            self._receipts[key] = {"key": key, "size": int(size), "sha256": sha256}
+        return key
+
+    def take_receipts(self, keep) -> list[dict]:
+        """Remove and return the receipts whose key satisfies `keep(key)`, sorted by key."""
+        with self._receipts_lock:
+            taken = sorted((k for k in self._receipts if keep(k)))
+            return [self._receipts.pop(k) for k in taken]
 
     def delete(self, key: str) -> None:
         with contextlib.suppress(FileNotFoundError):
@@ -234,7 +330,7 @@ class Store:
         self.write_bytes(f"{stage_dir}/{MANIFEST}", data)
         record = {
             **success,
-            "manifest": self.uri(f"{stage_dir}/{MANIFEST}"),
+            "manifest": join_key(stage_dir, MANIFEST),
             "manifest_sha256": hashlib.sha256(data).hexdigest(),
             "rows": table.num_rows,
             "committed_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -260,27 +356,52 @@ class Store:
         return pq.read_table(io.BytesIO(data)), success
 
     # -- run index -----------------------------------------------------------------------
+    #
+    # runs/<run>/run.json holds the run's name and config; runs/<run>/stages/<stage>.json one
+    # entry per stage, each its own object: a pipeline run and a UI re-run of another stage
+    # update different objects, so no update is ever lost (no read-modify-write of a shared file).
 
     def run_key(self, run: str) -> str:
         return join_key("runs", run, "run.json")
 
     def read_run(self, run: str) -> dict | None:
+        """{name, config, stages: {stage: entry}} of a run, or None if it has no index."""
         try:
-            return self.read_json(self.run_key(run))
+            index = self.read_json(self.run_key(run))
         except FileNotFoundError:
+            index = None
+        stages = {}
+        for key in self.list(join_key("runs", run, "stages")):
+            if key.endswith(".json"):
+                with contextlib.suppress(FileNotFoundError):
+                    stages[posixpath.basename(key)[: -len(".json")]] = self.read_json(key)
+        if index is None and not stages:
             return None
+        return {"name": run, **(index or {}), "stages": stages}
 
     def update_run(self, run: str, stage: str | None = None, entry: dict | None = None,
-                   config: dict | None = None) -> dict:
-        """Record a stage's committed output (and/or the run's config) in runs/<run>/run.json."""
-        index = self.read_run(run) or {"name": run, "created_at": _now(), "stages": {}}
-        if config is not None:
-            index["config"] = config
+                   config: dict | None = None) -> None:
+        """Record a stage's committed output (its own object) and/or the run's config."""
         if stage is not None:
-            index["stages"][stage] = entry
-        index["updated_at"] = _now()
-        self.write_json(self.run_key(run), index)
-        return index
+            self.write_json(join_key("runs", run, "stages", f"{safe_part(stage)}.json"),
+                            entry or {})
+        if config is not None:
+            try:
+                created = self.read_json(self.run_key(run)).get("created_at", _now())
+            except FileNotFoundError:
+                created = _now()
+            self.write_json(self.run_key(run), {"name": run, "created_at": created,
+                                                "config": config, "updated_at": _now()})
+
+
+def file_digest(path: str | os.PathLike) -> tuple[int, str]:
+    """(size, sha256) of a local file, read in 1 MiB chunks."""
+    h, size = hashlib.sha256(), 0
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+            size += len(chunk)
+    return size, h.hexdigest()
 
 
 def _now() -> str:
@@ -291,7 +412,9 @@ def _fs_options(url: str) -> dict:
     """fsspec options for a URL; S3 endpoint from AWS_ENDPOINT_URL (credentials stay in env)."""
     if url.startswith("s3://"):
         endpoint = os.environ.get("AWS_ENDPOINT_URL") or os.environ.get("S3_ENDPOINT_URL")
-        opts: dict = {"skip_instance_cache": True}
+        # No listings cache: other processes (a UI re-run, a second GSB server, cluster
+        # workers) write to the same prefixes, and a cached listing would not show it.
+        opts: dict = {"skip_instance_cache": True, "use_listings_cache": False}
         if endpoint:
             opts["client_kwargs"] = {"endpoint_url": endpoint}
         return opts

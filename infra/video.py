@@ -12,12 +12,23 @@ import os
 import subprocess
 from dataclasses import asdict, dataclass
 from fractions import Fraction
+from typing import TYPE_CHECKING
 
 import ffmpeg
 import numpy as np
 
+if TYPE_CHECKING:
+    from PIL import Image
+
+    from infra.store import Store
+
 FFPROBE = os.environ.get("REGDPO_FFPROBE", "ffprobe")
 FFMPEG = os.environ.get("REGDPO_FFMPEG", "ffmpeg")
+# x264's frame threads make its bytes depend on thread timing (measured: one clip encoded 6
+# times under load gave 2 different files at threads=4). A stored clip is re-encoded when it
+# is found truncated, or on another machine: it must come out byte-identical, or every key
+# downstream of it moves. One encoder thread per clip; items give the parallelism.
+X264_THREADS = 1
 
 
 class ProbeError(ValueError):
@@ -263,7 +274,8 @@ def normalize_args(src: str, dst_video: str, dst_ref: str, geo: Geometry, fps: f
     )
     video = v[0].output(
         file_url(dst_video), vcodec="libx264", crf=crf, preset=preset, pix_fmt="yuv420p",
-        movflags="+faststart", map_metadata=-1, **{"frames:v": frames, "profile:v": "high"},
+        movflags="+faststart", map_metadata=-1, threads=X264_THREADS,
+        **{"frames:v": frames, "profile:v": "high"},
     )
     ref = v[1].output(file_url(dst_ref), **{"frames:v": 1, "update": 1})
     return (
@@ -271,3 +283,43 @@ def normalize_args(src: str, dst_video: str, dst_ref: str, geo: Geometry, fps: f
         .global_args("-v", "error", "-nostdin", "-y")
         .compile(cmd=FFMPEG)
     )
+
+
+def read_frames(path: str, info: VideoInfo, bucket: str, width: int, height: int, fps: float,
+                frames: int) -> np.ndarray:
+    """uint8 [frames, height, width, 3]: the first `frames` at `fps`, center-cropped to `bucket`
+    and scaled, as normalize does (a no-op crop and scale for clips already at the size)."""
+    geo = bucket_geometry(info.display_width, info.display_height, [bucket], min(width, height))
+    args = (
+        ffmpeg.input(file_url(path)).video
+        .filter("fps", fps=fps)
+        .filter("crop", geo.crop_w, geo.crop_h, geo.crop_x, geo.crop_y)
+        .filter("scale", width, height, flags="lanczos")
+        .output("pipe:", format="rawvideo", pix_fmt="rgb24", **{"frames:v": frames})
+        .global_args("-v", "error", "-nostdin")
+        .compile(cmd=FFMPEG)
+    )
+    buf = run_ffmpeg(args).stdout
+    got = len(buf) // (width * height * 3)
+    if got < frames:
+        raise ValueError(f"video has {got} frames at {fps:g} fps, need {frames}")
+    return np.frombuffer(buf, np.uint8)[: frames * height * width * 3].copy() \
+        .reshape(frames, height, width, 3)
+
+
+def write_video(frames: np.ndarray, rate: Fraction, path: str, pix_fmt: str,
+                codec: list[str]) -> None:
+    """Encode raw frames [F, H, W(, 3)] piped to ffmpeg (an argument list, never a shell)."""
+    height, width = frames.shape[1:3]
+    args = [FFMPEG, "-v", "error", "-nostdin", "-y", "-f", "rawvideo", "-pix_fmt", pix_fmt,
+            "-s", f"{width}x{height}", "-r", f"{rate.numerator}/{rate.denominator}",
+            "-i", "pipe:", *codec, file_url(path)]
+    run_ffmpeg(args, input=np.ascontiguousarray(frames).tobytes())
+
+
+def reference_image(store: "Store", ref: str) -> "Image.Image":
+    """A stored reference frame (PNG), named by key or store URI, as an RGB image."""
+    from PIL import Image
+
+    with store.local_copy(store.key_of(ref)) as local, Image.open(local) as image:
+        return image.convert("RGB")

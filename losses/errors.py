@@ -1,6 +1,6 @@
 """Per-sample flow-matching errors e = mean((y − v)²), the quantity every preference loss compares.
 
-Flow matching (DESIGN "Training: losses"): x_t = (1 − σ_t) z + σ_t ε, target y = ε − z, and
+Flow matching (docs/architecture.md, "Training: losses (exact)"): x_t = (1 − σ_t) z + σ_t ε, target y = ε − z, and
 e(z) = mean over all latent elements of (y − v(x_t, t, c))². The paper writes ‖y − y_θ‖²
 (Reg-DPO Eq. 2); the mean only rescales it by 1/N, which β absorbs.
 """

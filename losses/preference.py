@@ -5,71 +5,25 @@ errors (the base with LoRA adapters disabled) are detached here whatever the cal
 Every loss returns (scalar loss, metrics) with metrics as python floats, batch means over pairs.
 Equation numbers refer to Reg-DPO (shared/papers/001_114754527b1a7ba0.txt).
 
-Notation (DESIGN "Training: losses (exact)"):
+Notation (docs/architecture.md, "Training: losses (exact)"):
     win_gap = e_θ^w − e_ref^w,  lose_gap = e_θ^l − e_ref^l,  s = win_gap − lose_gap   (Eq. 2)
     b = beta / 2            Diffusion-DPO's convention: beta = 500 ⇒ DGR = 125 at step 0 (Fig. 2)
 """
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
 from typing import Literal, get_args
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from infra.config.train import LossConfig, LossKind
+
 Metrics = dict[str, float]
-LossKind = Literal["dpo", "regdpo", "sft", "region", "kto"]
+# The `train.loss` section is the losses' config: one definition, in the torch-free config tree.
+PreferenceLoss = LossConfig
 KINDS: tuple[str, ...] = get_args(LossKind)
-
-
-@dataclass(frozen=True)
-class PreferenceLoss:
-    """The `train.loss` section: which objective, and its constants."""
-
-    kind: LossKind = "regdpo"
-    """dpo (Eq. 2), regdpo (Eq. 6), sft (e_θ^w only), region (DPO on masked errors, LocalDPO),
-    kto (Diffusion-KTO on single samples: winners desirable, losers undesirable)."""
-    beta: float = 500.0
-    """Preference strength β; the losses use b = β/2 (Diffusion-DPO), so DGR ≤ β/2."""
-    r: float | Literal["dgr"] = "dgr"
-    """Reg-DPO's SFT weight (Eq. 5/6): a constant ≥ 0, or "dgr" for the dynamic r = k·DGR."""
-    k: float = 1.0
-    """Multiplier of the dynamic weight r = k·DGR (the paper's default is 1; it tried 1/5 to 2)."""
-    nll_lambda: float = 0.0
-    """Dual-IPO's NLL regulariser λ: adds λ·mean(e_θ) on real videos; 0 turns it off."""
-    kto_desirable_weight: float = 1.0
-    """KTO's λ_D, the weight of desirable samples."""
-    kto_undesirable_weight: float = 1.0
-    """KTO's λ_U, the weight of undesirable samples."""
-
-    def __post_init__(self) -> None:
-        if self.kind not in KINDS:
-            raise ValueError(
-                f"train.loss.kind must be one of {', '.join(KINDS)}; got {self.kind!r}"
-            )
-        if not _is_number(self.beta) or not math.isfinite(self.beta) or self.beta <= 0:
-            raise ValueError(
-                f"train.loss.beta must be a finite number > 0; got {self.beta!r} "
-                "(the paper uses 500)"
-            )
-        if isinstance(self.r, str):
-            if self.r != "dgr":
-                raise ValueError(
-                    f'train.loss.r must be a number ≥ 0 or "dgr" (r = k·DGR); got {self.r!r}'
-                )
-        elif not _is_number(self.r) or not math.isfinite(self.r) or self.r < 0:
-            raise ValueError(f'train.loss.r must be a number ≥ 0 or "dgr"; got {self.r!r}')
-        for name in ("k", "nll_lambda", "kto_desirable_weight", "kto_undesirable_weight"):
-            value = getattr(self, name)
-            if not _is_number(value) or not math.isfinite(value) or value < 0:
-                raise ValueError(f"train.loss.{name} must be a finite number ≥ 0; got {value!r}")
-
-
-def _is_number(x: object) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool)
 
 
 def dgr(s: Tensor, beta: float) -> Tensor:

@@ -1,8 +1,8 @@
-"""Captions for clips without a source caption (DESIGN.md, normalize): a transformers VLM.
+"""Captions for clips without a source caption (the normalize stage): a transformers VLM.
 
 Any image-to-text model that `AutoModelForImageTextToText` knows loads by hub id or local
 folder: BLIP-style captioners (the prompt, if any, is the caption's prefix) and chat-style
-VLMs (the prompt goes through the processor's chat template). `build_tiny_captioner` writes
+VLMs (the prompt goes through the processor's chat template). `models.tiny.build_tiny_captioner` writes
 a random-weight BLIP that loads through the same path, for tests and the toy run.
 """
 
@@ -18,6 +18,7 @@ from PIL import Image
 from transformers import AutoModelForImageTextToText, AutoProcessor, PreTrainedModel
 
 from infra.config import CaptionConfig
+from infra.weights import files_identity
 
 CHAT_PROMPT = "Describe this image in one sentence."  # chat VLMs need a question; BLIP does not
 
@@ -93,39 +94,49 @@ def _load(name: str, device: str) -> tuple[Any, PreTrainedModel]:
     return processor, model.to(device).eval()
 
 
-def build_tiny_captioner(path: str | Path, seed: int = 0) -> str:
-    """Write a tiny random-weight BLIP captioner + processor to `path`; returns the path.
+def weight_identity(name: str) -> str:
+    """The captioner's weight identity (infra.weights): a local folder, or a hub id's snapshot in
+    the local cache; a model that is not here is an error naming how to provide it."""
+    path = Path(name)
+    if not path.is_dir():
+        from huggingface_hub import snapshot_download
 
-    The weights are seeded (same files every time) and the LM head never picks a special
-    token, so every caption is `max_new_tokens` vocabulary words: never empty.
-    """
-    from transformers import (
-        BertTokenizer, BlipConfig, BlipForConditionalGeneration, BlipImageProcessorPil,
-        BlipProcessor,
-    )
+        try:
+            path = Path(snapshot_download(name, local_files_only=True))
+        except Exception as e:  # noqa: BLE001 - every miss means the same: not on this machine
+            raise ValueError(
+                f"captioning model {name!r} is not on this machine ({type(e).__name__}): fetch "
+                f"it where there is network (`hf download {name}`, then copy the HF cache / set "
+                "HF_HOME), or set normalize.caption.model to a local folder") from None
+    return files_identity(path, "captioner")
 
-    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "[DEC]"]  # [DEC]: BLIP's BOS
-    words = ("a the of on in with and man woman dog cat car street red blue green sky tree "
-             "water road people walking running sitting city beach").split()
-    vocab = {w: i for i, w in enumerate(specials + words)}
-    tokenizer = BertTokenizer(vocab=vocab, bos_token="[DEC]")  # v5: vocab dict, no file needed
-    image_processor = BlipImageProcessorPil(size={"height": 32, "width": 32})  # no torchvision
-    config = BlipConfig(
-        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                           num_attention_heads=2, image_size=32, patch_size=8),
-        text_config=dict(vocab_size=len(vocab), hidden_size=32, encoder_hidden_size=32,
-                         intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                         max_position_embeddings=128, pad_token_id=vocab["[PAD]"],
-                         bos_token_id=vocab["[DEC]"], eos_token_id=vocab["[SEP]"],
-                         sep_token_id=vocab["[SEP]"]),
-        projection_dim=32,
-    )
-    with torch.random.fork_rng():  # seeded without touching the caller's RNG
-        torch.manual_seed(seed)
-        model = BlipForConditionalGeneration(config)
-    with torch.no_grad():
-        model.text_decoder.cls.predictions.bias[: len(specials)] = -1e4
-    path = str(path)
-    model.save_pretrained(path)
-    BlipProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(path)
-    return path
+
+def check_available(name: str) -> str | None:
+    """Why the captioner `name` cannot be loaded here, or None; downloads nothing (a local
+    folder with a config, or a hub id in the HF cache, or, online only, on the hub)."""
+    path = Path(name).expanduser()
+    if path.is_dir():
+        return None if (path / "config.json").is_file() else (
+            f"captioning model folder {name!r} has no config.json: set normalize.caption.model "
+            "to a folder written by save_pretrained (config, weights, processor)")
+    if name.startswith((".", "/", "~")):
+        return (f"captioning model folder {name!r} does not exist: set normalize.caption.model "
+                "to a folder written by save_pretrained (config, weights, processor) or a hub id")
+    from huggingface_hub import HfApi, snapshot_download
+    from huggingface_hub import constants as hub_constants
+
+    try:
+        snapshot_download(name, local_files_only=True)
+        return None
+    except Exception:  # noqa: BLE001 - every miss means "not in the cache"
+        pass
+    how = (f"fetch it where there is network (`hf download {name}`, then copy the HF cache / "
+           "set HF_HOME), or set normalize.caption.model to a local folder")
+    if hub_constants.HF_HUB_OFFLINE:
+        return f"captioning model {name!r} is not in the HF cache (HF_HUB_OFFLINE=1): {how}"
+    try:
+        HfApi().model_info(name, timeout=15)
+    except Exception as e:  # noqa: BLE001 - not on the hub, private, or no network
+        line = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        return f"captioning model {name!r} is not in the HF cache nor reachable on the hub ({line}): {how}"
+    return None

@@ -1,5 +1,5 @@
 """Wan video diffusion models through diffusers: the real components by hub id or local
-folder, tiny random-weight builds of the same classes, and the LoRA policy/reference pair.
+folder, and the LoRA policy/reference pair (tiny random-weight builds: models/tiny.py).
 
 Three kinds (WanSpec.kind):
 - t2v      Wan2.1 text-to-video: WanPipeline. The transformer sees 16 noise channels.
@@ -12,8 +12,8 @@ Three kinds (WanSpec.kind):
 Every loader resolves its own subfolder to a local folder first (the path itself, or the
 HF cache snapshot of a hub id) and fails at once with a ValueError when it is missing, so an
 offline machine without the weights learns what to do before any retry loop starts. Only the
-component asked for is fetched. `build_tiny` writes a folder with the same layout that loads
-through exactly the same code.
+component asked for is fetched. models.tiny.build_tiny writes a folder with the same layout
+that loads through exactly the same code.
 
 The DPO reference model is the policy with its LoRA adapters disabled (`reference_mode`):
 one copy of the weights in memory. No distributed code here; parallelism is applied from infra/.
@@ -26,51 +26,49 @@ import re
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Literal, get_args
+from typing import Any, Iterator
 
 import diffusers
 import torch
 from diffusers import (
     AutoencoderKLWan,
     FlowMatchEulerDiscreteScheduler,
-    UniPCMultistepScheduler,
     WanImageToVideoPipeline,
     WanPipeline,
     WanTransformer3DModel,
 )
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
-from huggingface_hub import snapshot_download
+from huggingface_hub import HfApi, snapshot_download
+from huggingface_hub import constants as hub_constants
 from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict
 from transformers import (
     AutoTokenizer,
-    CLIPImageProcessor,
     CLIPImageProcessorPil,
-    CLIPVisionConfig,
     CLIPVisionModel,
-    T5Tokenizer,
-    UMT5Config,
     UMT5EncoderModel,
 )
 from transformers.utils import is_torchvision_available
 
-WAN21_I2V_14B_720P = "Wan-AI/Wan2.1-I2V-14B-720P-Diffusers"
-WAN21_T2V_14B = "Wan-AI/Wan2.1-T2V-14B-Diffusers"
-WAN21_T2V_1_3B = "Wan-AI/Wan2.1-T2V-1.3B-Diffusers"
-WAN22_I2V_A14B = "Wan-AI/Wan2.2-I2V-A14B-Diffusers"
+from infra.weights import files_identity
+from infra.config.wan import (  # noqa: F401  (re-exported: the model facts configs name)
+    DEFAULT_TARGETS,
+    KINDS,
+    TEXT_LEN,
+    WAN21_I2V_14B_720P,
+    WAN21_T2V_1_3B,
+    WAN21_T2V_14B,
+    WAN22_I2V_A14B,
+    Kind,
+)
 
 # Wan's flow-matching shift: larger at higher resolution (more tokens need more noise).
 SHIFT_720P = 5.0
 SHIFT_480P = 3.0
 
-Kind = Literal["t2v", "i2v", "i2v-2.2"]
 Pipeline = WanPipeline | WanImageToVideoPipeline
 
 _HUB_ID = re.compile(r"\w[\w.-]*/\w[\w.-]*")  # owner/name; "./x", "~/x", "/x" are paths
-# Text tokens per prompt (the pipelines' max_sequence_length). Wan2.1 I2V attention splits its
-# context as [image tokens, 512 text tokens] (diffusers' WanAttnProcessor hard-codes 512), so
-# text embeddings must keep this padded length.
-TEXT_LEN = 512
 
 
 @dataclass(frozen=True)
@@ -86,8 +84,8 @@ class WanSpec:
     """Dtype of the transformer(s) and the text encoder; the VAE and CLIP stay float32."""
 
     def __post_init__(self) -> None:
-        if self.kind not in get_args(Kind):
-            raise ValueError(f"Wan kind {self.kind!r} is not one of {get_args(Kind)}")
+        if self.kind not in KINDS:
+            raise ValueError(f"Wan kind {self.kind!r} is not one of {KINDS}")
         if not isinstance(getattr(torch, self.dtype, None), torch.dtype):
             raise ValueError(f"Wan dtype {self.dtype!r} is not a torch dtype (e.g. 'bfloat16')")
 
@@ -101,17 +99,18 @@ class WanSpec:
 # ---------------------------------------------------------------------------------------
 
 
-def _missing(spec: WanSpec, component: str, why: str) -> ValueError:
+def _missing(spec: WanSpec, component: str | None, why: str) -> ValueError:
     if _is_hub_id(spec.model):
         how = (f"run `hf download {spec.model}` on a machine with network and copy its HF cache "
                "here (or set HF_HOME to it), or point the config's model at a local folder with "
                "the diffusers layout")
     else:
         how = (f"point the config's model at a local folder with the diffusers layout "
-               f"(model_index.json, {component}/, ...), e.g. one written by "
+               f"(model_index.json, {(component or 'transformer').removesuffix('.json')}/, ...), "
+               "e.g. one written by "
                f"`hf download {WAN21_T2V_1_3B} --local-dir DIR` on a machine with network")
-    return ValueError(f"Wan {component!r} of model {spec.model!r} is not available: {why}. "
-                      f"To provide it, {how}.")
+    what = f"Wan {component!r} of model" if component else "Wan model"
+    return ValueError(f"{what} {spec.model!r} is not available: {why}. To provide it, {how}.")
 
 
 def _is_hub_id(model: str) -> bool:
@@ -135,6 +134,43 @@ def _resolve(spec: WanSpec, component: str) -> Path:
     if not path.exists() or (path.is_dir() and not any(path.iterdir())):
         raise _missing(spec, component, f"{str(root)!r} has no {component}")
     return path
+
+
+def components(kind: Kind) -> tuple[str, ...]:
+    """What a run loads of a Wan model of `kind`: the pipeline's parts (the data stages encode
+    and generate with them, train reads the transformer and the scheduler)."""
+    parts = ("model_index.json", "transformer", "vae", "text_encoder", "tokenizer", "scheduler")
+    return parts + (("image_encoder", "image_processor") if kind == "i2v" else ())
+
+
+def check_available(spec: WanSpec) -> str | None:
+    """Why `spec.model` cannot be loaded here, or None; downloads nothing. A local folder must
+    hold every component of its kind; a hub id must be in the HF cache, or (online only) exist
+    on the hub, where the stage's loader will fetch it."""
+    if not _is_hub_id(spec.model):
+        try:
+            for component in components(spec.kind):
+                _resolve(spec, component)
+        except ValueError as e:
+            return str(e)
+        return None
+    try:
+        root = Path(snapshot_download(spec.model, local_files_only=True))
+    except Exception as e:  # noqa: BLE001 - every miss means "not in the cache"
+        reason = type(e).__name__
+    else:
+        missing = [c for c in components(spec.kind) if not (root / c).exists()]
+        if not missing:
+            return None
+        reason = f"the cached snapshot has no {', '.join(missing)}"
+    if hub_constants.HF_HUB_OFFLINE:
+        return str(_missing(spec, None, f"not in the HF cache with HF_HUB_OFFLINE=1 ({reason})"))
+    try:
+        HfApi().model_info(spec.model, timeout=15)
+    except Exception as e:  # noqa: BLE001 - not on the hub, private, or no network
+        line = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        return str(_missing(spec, None, f"not in the HF cache and not reachable on the hub ({line})"))
+    return None
 
 
 def _read_json(spec: WanSpec, relpath: str) -> dict[str, Any]:
@@ -195,8 +231,12 @@ def load_image_encoder(spec: WanSpec) -> tuple[CLIPVisionModel, Any]:
     if spec.kind != "i2v":
         raise ValueError(f"Wan kind {spec.kind!r} ({spec.model!r}) has no CLIP image encoder; "
                          "only Wan2.1 I2V (kind 'i2v') conditions on CLIP image tokens")
-    # Without torchvision, transformers' CLIPImageProcessor falls back to the PIL one anyway.
-    processor_cls = CLIPImageProcessor if is_torchvision_available() else CLIPImageProcessorPil
+    # Without torchvision, transformers' CLIPImageProcessor falls back to the PIL one anyway
+    # (and warns about it on import): name it only when torchvision is there.
+    if is_torchvision_available():
+        from transformers import CLIPImageProcessor as processor_cls
+    else:
+        processor_cls = CLIPImageProcessorPil
     processor = _from_pretrained(spec, "image_processor", processor_cls)
     encoder = _from_pretrained(spec, "image_encoder", CLIPVisionModel, dtype=torch.float32,
                                use_safetensors=True)
@@ -247,110 +287,9 @@ def load_pipeline(spec: WanSpec, text_encoder: bool = True) -> Pipeline:
 
 
 # ---------------------------------------------------------------------------------------
-# Tiny random-weight builds of the same classes (tests, demo)
-# ---------------------------------------------------------------------------------------
-
-TINY_TEXT_DIM = 32  # UMT5 d_model = transformer text_dim
-TINY_IMAGE_DIM = 32  # CLIP hidden size = transformer image_dim
-TINY_IMAGE_SIZE = 32  # CLIP input side; 8-pixel patches -> 16 + 1 image tokens
-
-
-def tiny_transformer_config(kind: Kind) -> dict[str, Any]:
-    """A 2-block WanTransformer3DModel config with the real model's structure.
-
-    attention_head_dim=12: rope splits it as t = 12 - 2*4 = 4, h = w = 2*(12 // 6) = 4, and
-    every part must be even (complex pairs).
-    """
-    heads, head_dim = 2, 12
-    config = dict(patch_size=(1, 2, 2), num_attention_heads=heads, attention_head_dim=head_dim,
-                  in_channels=16, out_channels=16, text_dim=TINY_TEXT_DIM, freq_dim=32, ffn_dim=48,
-                  num_layers=2, cross_attn_norm=True, qk_norm="rms_norm_across_heads", eps=1e-6,
-                  rope_max_seq_len=64)
-    if kind != "t2v":
-        config["in_channels"] = 16 + 16 + 4  # noise + first-frame latent + 4 mask channels
-    if kind == "i2v":  # CLIP tokens: image_dim -> inner dim, then the added K/V (inner -> inner)
-        config.update(image_dim=TINY_IMAGE_DIM, added_kv_proj_dim=heads * head_dim)
-    return config
-
-
-def _tiny_tokenizer() -> T5Tokenizer:
-    # A Unigram vocabulary like umt5's (pad=0, eos=1, unk=2, sentencepiece '▁' word starts),
-    # built in memory: no download, deterministic.
-    letters = "abcdefghijklmnopqrstuvwxyz"
-    words = "a the cat dog man woman walks runs on in street beach sky red blue video".split()
-    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -2.0)]
-    vocab += [(f"▁{w}", -1.0) for w in words] + [(c, -3.0) for c in letters]
-    vocab += [(f"▁{c}", -3.5) for c in letters]
-    return T5Tokenizer(vocab=vocab, extra_ids=0)
-
-
-def _tiny_text_encoder(vocab_size: int) -> UMT5EncoderModel:
-    return UMT5EncoderModel(UMT5Config(
-        vocab_size=vocab_size, d_model=TINY_TEXT_DIM, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
-        relative_attention_num_buckets=8, relative_attention_max_distance=32,
-        feed_forward_proj="gated-gelu", pad_token_id=0, eos_token_id=1, decoder_start_token_id=0,
-    ))
-
-
-def _tiny_vae() -> AutoencoderKLWan:
-    # The real layout (3 spatial downsamples = 8x, 2 temporal = 4x, z_dim 16) with few channels.
-    return AutoencoderKLWan(base_dim=8, z_dim=16, dim_mult=[1, 2, 2, 2], num_res_blocks=1,
-                            temperal_downsample=[False, True, True])
-
-
-def _tiny_image_encoder() -> tuple[CLIPVisionModel, CLIPImageProcessorPil]:
-    config = CLIPVisionConfig(hidden_size=TINY_IMAGE_DIM, intermediate_size=64, num_hidden_layers=2,
-                              num_attention_heads=2, image_size=TINY_IMAGE_SIZE, patch_size=8,
-                              projection_dim=TINY_IMAGE_DIM)
-    side = TINY_IMAGE_SIZE
-    processor = CLIPImageProcessorPil(size={"shortest_edge": side},
-                                      crop_size={"height": side, "width": side})
-    return CLIPVisionModel(config), processor
-
-
-def _tiny_scheduler() -> UniPCMultistepScheduler:
-    # What Wan-AI's diffusers repos ship: UniPC over flow-matching sigmas.
-    return UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True,
-                                   num_train_timesteps=1000, flow_shift=SHIFT_480P)
-
-
-def build_tiny(kind: Kind, path: str | Path, seed: int = 0) -> str:
-    """Write a random-weight Wan pipeline of `kind` in the diffusers layout to `path`.
-
-    Same classes and folder layout as the hub repos, so `load_pipeline(WanSpec(kind, path))`
-    takes the real loading path. Seeded without touching the caller's RNG. Returns the path.
-    """
-    WanSpec(kind, str(path))  # validates kind
-    tokenizer = _tiny_tokenizer()
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        parts: dict[str, Any] = dict(
-            tokenizer=tokenizer, text_encoder=_tiny_text_encoder(len(tokenizer)), vae=_tiny_vae(),
-            scheduler=_tiny_scheduler(),
-            transformer=WanTransformer3DModel(**tiny_transformer_config(kind)),
-        )
-        if kind == "t2v":
-            pipe = WanPipeline(**parts)
-        elif kind == "i2v":
-            parts["image_encoder"], parts["image_processor"] = _tiny_image_encoder()
-            pipe = WanImageToVideoPipeline(**parts)
-        else:  # Wan2.2 A14B: a high-noise and a low-noise expert, switching at 0.9 * 1000
-            parts["transformer_2"] = WanTransformer3DModel(**tiny_transformer_config(kind))
-            pipe = WanImageToVideoPipeline(**parts, boundary_ratio=0.9)
-    pipe.save_pretrained(str(path))
-    return str(path)
-
-
-# ---------------------------------------------------------------------------------------
 # LoRA: the policy is base + adapter, the reference is the same module with it disabled
 # ---------------------------------------------------------------------------------------
 
-# Every attention projection (self, cross, and Wan2.1 I2V's image K/V) and both FFN layers
-# of each WanTransformerBlock. Names are module-path suffixes; absent ones (add_k_proj in t2v)
-# are simply not matched.
-DEFAULT_TARGETS: tuple[str, ...] = (
-    "to_q", "to_k", "to_v", "to_out.0", "add_k_proj", "add_v_proj", "ffn.net.0.proj", "ffn.net.2",
-)
 
 
 def add_lora(transformer: WanTransformer3DModel, rank: int = 16, alpha: float = 32,
@@ -386,13 +325,38 @@ def reference_mode(transformer: WanTransformer3DModel) -> Iterator[WanTransforme
 def save_lora(transformer: WanTransformer3DModel, directory: str | Path) -> Path:
     """Write the adapter as `pytorch_lora_weights.safetensors` in the format of diffusers'
     WanPipeline / WanImageToVideoPipeline `load_lora_weights`, with its LoraConfig (rank,
-    alpha, targets) as metadata so the scale survives the round trip."""
+    alpha, targets) as metadata so the scale survives the round trip. The bytes depend only
+    on the weights and the config (same run twice => same file)."""
     WanPipeline.save_lora_weights(
         str(directory),
         transformer_lora_layers=get_peft_model_state_dict(transformer),
-        transformer_lora_adapter_metadata=transformer.peft_config["default"].to_dict(),
+        transformer_lora_adapter_metadata=_plain(transformer.peft_config["default"].to_dict()),
     )
-    return Path(directory) / "pytorch_lora_weights.safetensors"
+    path = Path(directory) / "pytorch_lora_weights.safetensors"
+    path.write_bytes(canonical_safetensors(path.read_bytes()))
+    return path
+
+
+def _plain(value: Any) -> Any:
+    """The config with every set as a sorted list (peft keeps target_modules in a set, whose
+    order follows the process's hash seed)."""
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (set, frozenset)):
+        return sorted(value, key=str)
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def canonical_safetensors(data: bytes) -> bytes:
+    """The same safetensors file with its header as JSON with sorted keys: safetensors writes
+    `__metadata__` in a hash map's order, which differs from process to process. The tensor
+    data (laid out by dtype, then name) is kept as it is."""
+    size = int.from_bytes(data[:8], "little")
+    header = json.dumps(json.loads(data[8:8 + size]), sort_keys=True, separators=(",", ":")).encode()
+    header += b" " * (-len(header) % 8)  # the data stays 8-byte aligned
+    return len(header).to_bytes(8, "little") + header + data[8 + size:]
 
 
 # ---------------------------------------------------------------------------------------
@@ -414,21 +378,16 @@ def component_identity(spec: WanSpec, component: str) -> str:
     """A digest of a component's files (names, sizes, configs, the ends of each weight shard)
     and the dtype it runs in: two models that ship the same UMT5 or VAE get the same identity,
     so their encodings are shared. Reads ~2 MiB per shard, never whole weights."""
-    import hashlib
+    return files_identity(_resolve(spec, component), f"{component}|{spec.dtype}")
 
-    root = _resolve(spec, component)
-    h = hashlib.sha256(f"{component}|{spec.dtype}".encode())
-    for path in sorted(p for p in root.rglob("*") if p.is_file()):
-        size = path.stat().st_size
-        h.update(f"{path.relative_to(root)}|{size}".encode())
-        with open(path, "rb") as f:
-            if size <= 4 << 20:
-                h.update(f.read())
-            else:
-                h.update(f.read(1 << 20))
-                f.seek(size - (1 << 20))
-                h.update(f.read())
-    return h.hexdigest()[:32]
+
+def transformer_config(spec: WanSpec) -> dict[str, Any]:
+    """The transformer's config.json, read without loading (up to 14B of) weights."""
+    try:
+        return dict(WanTransformer3DModel.load_config(spec.model, subfolder="transformer"))
+    except OSError:
+        load_transformer(spec)  # raises models.wan's error: what is missing and how to get it
+        raise
 
 
 @torch.no_grad()

@@ -10,29 +10,32 @@ import io
 import os
 import posixpath
 import tempfile
+import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
-from urllib.parse import urlsplit
+from typing import Callable, Iterable, Iterator, TypeVar
+from urllib.parse import urljoin, urlsplit
 
 import pandas as pd
 import requests
+import urllib3
 
-from infra.config import AcquireConfig, ManifestSource
+from infra import shutdown
+from infra.config import AcquireConfig, DownloadConfig, ManifestSource
+from infra.errors import TransientError
 from infra.store import Store, as_path, digest, filesystem, open_url
 from infra.video import ProbeError, nearest_bucket, probe
 
 ALLOWED_SCHEMES = ("http", "https")
-
-
-class TransientError(RuntimeError):
-    """A network or storage failure worth retrying (timeouts, 5xx, connection resets)."""
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
 class Candidate:
     source: str  # canonical location: absolute path, http(s) URL or s3:// URL
     caption: str | None = None
+    root: str | None = None  # a local source's folder (resolved): it must stay inside it
 
     @property
     def id(self) -> str:
@@ -84,11 +87,7 @@ def _expand(spec: str | ManifestSource, extensions: list[str]) -> Iterator[Candi
     elif scheme in ("", "file"):
         path = as_path(spec)
         if path.is_dir():
-            for root, dirs, files in os.walk(path):
-                dirs.sort()
-                for name in sorted(files):
-                    if _is_video(name, extensions):
-                        yield Candidate(str(Path(root, name).resolve()))
+            yield from _from_folder(path, extensions)
         elif path.is_file():
             yield Candidate(str(path.resolve()))
         else:
@@ -96,6 +95,31 @@ def _expand(spec: str | ManifestSource, extensions: list[str]) -> Iterator[Candi
     else:
         yield _bad(spec, f"unsupported source scheme {scheme!r}: use a folder, http(s) URL, s3:// prefix, "
                          ".txt URL list or .csv/.parquet manifest")
+
+
+def _inside(path: str | Path, root: str | Path) -> bool:
+    """Whether `path`, after resolving every link, is `root` (resolved) or lies below it."""
+    return Path(path).resolve().is_relative_to(Path(root).resolve())
+
+
+def _from_folder(folder: Path, extensions: list[str]) -> Iterator[Candidate | dict]:
+    """The folder's videos; a link leading out of it is a rejected row, never followed
+    (links to folders are not walked; links to files inside are fine)."""
+    root = folder.resolve()
+    for d, dirs, files in os.walk(root):
+        dirs.sort()
+        for name in list(dirs):
+            link = Path(d, name)
+            if link.is_symlink() and not _inside(link, root):
+                yield _bad(str(link), f"symlink points outside the source folder {root}")
+        for name in sorted(files):
+            link = Path(d, name)
+            if not _is_video(name, extensions):
+                continue
+            if _inside(link, root):
+                yield Candidate(str(link.resolve()), root=str(root))
+            else:
+                yield _bad(str(link), f"symlink points outside the source folder {root}")
 
 
 def _from_s3(prefix: str, extensions: list[str]) -> Iterator[Candidate]:
@@ -146,7 +170,8 @@ def _from_manifest(spec: ManifestSource) -> Iterator[Candidate | dict]:
         if isinstance(resolved, dict):
             yield resolved
         else:
-            yield Candidate(resolved, caption)
+            local = as_path(base) if "://" not in resolved else None
+            yield Candidate(resolved, caption, str(local.resolve()) if local is not None else None)
 
 
 def _resolve_member(base: str, name: str) -> str | dict:
@@ -166,11 +191,24 @@ def _resolve_member(base: str, name: str) -> str | dict:
     rel = joined[len("root/"):]
     local = as_path(base)
     if local is not None:
+        if not _inside(local / rel, local):
+            return _bad(name, "symlink points outside the manifest's video_root")
         return str((local / rel).resolve())
     return f"{base.rstrip('/')}/{rel}"
 
 
 # -- fetching --------------------------------------------------------------------------------
+#
+# Permanent problems of a source (HTTP 4xx other than 429, a redirect off http(s) or in a
+# loop, a missing file, over max_bytes, over deadline_s) are ProbeErrors: rejected rows with
+# the reason. A deadline is a property of the server (it sends too slowly), so retrying would
+# only spend another deadline: rejected too. Transient ones (5xx, 429, connection errors,
+# timeouts) are TransientErrors, retried inside the item (`with_retries`); the item fails with
+# the last one once `download.retries` are spent, and a re-run of the stage retries it.
+
+CHUNK = 64 << 10  # bytes per read: the size cap, the deadline and a stop request are checked per chunk
+MAX_REDIRECTS = 10
+_RETRIED = (TransientError, ConnectionError, TimeoutError)
 
 
 @contextlib.contextmanager
@@ -178,46 +216,142 @@ def fetch(cand: Candidate, cfg: AcquireConfig) -> Iterator[str]:
     """A local file for the candidate: itself if local, else a temporary download."""
     scheme = urlsplit(cand.source).scheme.lower() if "://" in cand.source else ""
     if not scheme:
+        if cand.root and not _inside(cand.source, cand.root):
+            raise ProbeError(f"symlink points outside the source folder {cand.root}")
+        if not os.path.isfile(cand.source):
+            raise ProbeError("source file not found (no such file; a manifest may name a file that does not exist)")
         yield cand.source
         return
     with tempfile.TemporaryDirectory(prefix="regdpo-fetch-") as tmp:
         dst = os.path.join(tmp, "video" + _ext(cand.source, cfg.extensions))
         if scheme in ALLOWED_SCHEMES:
-            _download(cand.source, dst, cfg)
+            _download(cand.source, dst, cfg.download)
         else:
-            try:
-                with open_url(cand.source, "rb") as src, open(dst, "wb") as out:
-                    _copy_capped(src, out, cfg.download.max_bytes)
-            except (ConnectionError, TimeoutError) as e:
-                raise TransientError(f"storage read failed: {e}") from e
+            _copy_from_storage(cand.source, dst, cfg.download)
         yield dst
 
 
-def _download(url: str, dst: str, cfg: AcquireConfig) -> None:
+def with_retries(fn: Callable[[], T], d: DownloadConfig) -> T:
+    """fn(), retried `d.retries` times on transient errors, waiting backoff_s x 2^attempt
+    (a stop request cuts the wait short and stops)."""
+    for attempt in range(d.retries + 1):
+        try:
+            return fn()
+        except _RETRIED as e:
+            if attempt == d.retries:
+                raise TransientError(f"{e} (gave up after {attempt + 1} attempts)") from e
+            if shutdown.wait(d.backoff_s * 2 ** attempt):
+                shutdown.raise_if_requested("acquire: waiting to retry a download")
+    raise AssertionError("unreachable")
+
+
+def _download(url: str, dst: str, d: DownloadConfig) -> None:
+    deadline = time.monotonic() + d.deadline_s
     try:
-        with requests.get(url, stream=True, timeout=cfg.download.timeout_s, allow_redirects=True) as resp:
-            if resp.status_code >= 500 or resp.status_code == 429:
-                raise TransientError(f"HTTP {resp.status_code} from {urlsplit(url).netloc}")
-            if resp.status_code >= 400:
-                raise ProbeError(f"download failed: HTTP {resp.status_code}")
-            if urlsplit(resp.url).scheme not in ALLOWED_SCHEMES:
-                raise ProbeError("download redirected to a non-http(s) URL")
-            length = int(resp.headers.get("content-length") or 0)
-            if length > cfg.download.max_bytes:
-                raise ProbeError(f"download too large: {length} bytes > max_bytes {cfg.download.max_bytes}")
+        resp = _get(url, d, deadline)
+        with resp, _watchdog(resp, deadline):
+            _check_response(resp, d)
             with open(dst, "wb") as out:
-                _copy_capped(resp.raw, out, cfg.download.max_bytes, chunks=resp.iter_content(1 << 20))
-    except (requests.ConnectionError, requests.Timeout) as e:
-        raise TransientError(f"network error: {type(e).__name__}") from e
+                _copy_capped(_chunks(resp), out, d.max_bytes, deadline, d.deadline_s)
+    except (ProbeError, TransientError, shutdown.ShutdownRequested):
+        raise
+    except Exception as e:  # the watchdog cut a read short, or the network failed
+        shutdown.raise_if_requested("acquire: download interrupted")
+        if time.monotonic() >= deadline:
+            raise _over_deadline(d.deadline_s) from e
+        if isinstance(e, (requests.ConnectionError, requests.Timeout, urllib3.exceptions.HTTPError, OSError)):
+            raise TransientError(f"network error: {type(e).__name__}") from e
+        if isinstance(e, requests.RequestException):  # InvalidURL and kin: the URL itself is bad
+            raise ProbeError(f"download failed: {type(e).__name__}") from e
+        raise
 
 
-def _copy_capped(src, out, cap: int, chunks=None) -> None:
+def _get(url: str, d: DownloadConfig, deadline: float) -> requests.Response:
+    """GET `url`, following redirects by hand so that every hop must be http(s) and new."""
+    seen = {url}
+    for _ in range(MAX_REDIRECTS + 1):
+        connect = min(d.timeout_s, max(deadline - time.monotonic(), 0.01))
+        resp = requests.get(url, stream=True, timeout=(connect, d.timeout_s), allow_redirects=False)
+        if not resp.is_redirect:
+            return resp
+        target = urljoin(url, resp.headers["location"])
+        resp.close()
+        scheme = urlsplit(target).scheme.lower()
+        if scheme not in ALLOWED_SCHEMES:
+            raise ProbeError(f"download redirected to a {scheme or 'relative'!r} URL: only http and https are followed")
+        if target in seen:
+            raise ProbeError("redirect loop: the server redirects back to a URL it already sent")
+        if time.monotonic() >= deadline:
+            raise _over_deadline(d.deadline_s)
+        seen.add(url := target)
+    raise ProbeError(f"too many redirects (more than {MAX_REDIRECTS})")
+
+
+def _check_response(resp: requests.Response, d: DownloadConfig) -> None:
+    code, host = resp.status_code, urlsplit(resp.url).hostname  # never the URL: it may hold a token
+    if code >= 500 or code == 429:
+        raise TransientError(f"HTTP {code} from {host}")
+    if not 200 <= code < 300:
+        raise ProbeError(f"download failed: HTTP {code} from {host}")
+    length = int(resp.headers.get("content-length") or 0)
+    if length > d.max_bytes:
+        raise ProbeError(f"download too large: {length} bytes > max_bytes {d.max_bytes}")
+
+
+def _chunks(resp: requests.Response) -> Iterator[bytes]:
+    """The body as it arrives (read1: whatever the socket has, at most CHUNK), decoded."""
+    while chunk := resp.raw.read1(CHUNK, decode_content=True):
+        yield chunk
+
+
+@contextlib.contextmanager
+def _watchdog(resp: requests.Response, deadline: float) -> Iterator[None]:
+    """Cut the connection if one read blocks past the deadline or a stop is requested: the
+    per-chunk checks cannot run while a read waits (and closing alone does not wake it)."""
+    done = threading.Event()
+
+    def watch() -> None:
+        while not done.wait(0.1):
+            if shutdown.requested() or time.monotonic() >= deadline:
+                with contextlib.suppress(Exception):
+                    resp.raw.shutdown()
+                return
+
+    dog = threading.Thread(target=watch, name="regdpo-download-watchdog", daemon=True)
+    dog.start()
+    try:
+        yield
+    finally:
+        done.set()
+        dog.join()
+
+
+def _copy_from_storage(url: str, dst: str, d: DownloadConfig) -> None:
+    deadline = time.monotonic() + d.deadline_s
+    try:
+        with open_url(url, "rb") as src, open(dst, "wb") as out:
+            _copy_capped(iter(lambda: src.read(CHUNK), b""), out, d.max_bytes, deadline, d.deadline_s)
+    except FileNotFoundError:
+        raise ProbeError("source object not found (no such key)") from None
+    except (ConnectionError, TimeoutError) as e:
+        raise TransientError(f"storage read failed: {type(e).__name__}") from e
+
+
+def _copy_capped(chunks: Iterable[bytes], out, cap: int, deadline: float, deadline_s: float) -> None:
     total = 0
-    for chunk in chunks if chunks is not None else iter(lambda: src.read(1 << 20), b""):
+    for chunk in chunks:
         total += len(chunk)
         if total > cap:
             raise ProbeError(f"download too large: over max_bytes {cap}")
+        if time.monotonic() >= deadline:
+            raise _over_deadline(deadline_s)
+        shutdown.raise_if_requested("acquire: download stopped")
         out.write(chunk)
+
+
+def _over_deadline(deadline_s: float) -> ProbeError:
+    return ProbeError(f"download exceeded deadline_s {deadline_s:g} s (the server sends too slowly); "
+                      "raise acquire.download.deadline_s to allow slower sources")
 
 
 def _ext(source: str, extensions: list[str]) -> str:
@@ -266,10 +400,13 @@ def acquire_one(store: Store, cand: Candidate, cfg: AcquireConfig) -> dict:
             if reasons:
                 return row | {"status": "rejected", "reason": "; ".join(reasons)}
             key = f"objects/{sha[:2]}/{sha}{_ext(cand.source, cfg.extensions)}"
-            uri = store.uri(key) if store.exists(key) else store.put_file(local, key)
+            if store.exists(key):
+                store.record(key, os.path.getsize(local), sha)  # the row's artifact all the same
+            else:
+                store.put_file(local, key)
     except ProbeError as e:
         return row | {"status": "rejected", "reason": str(e)}
-    return row | {"status": "ok", "reason": "", "video": uri, "bucket": nearest_bucket(info.aspect, cfg.buckets)[0]}
+    return row | {"status": "ok", "reason": "", "video": key, "bucket": nearest_bucket(info.aspect, cfg.buckets)[0]}
 
 
 def dedupe(rows: list[dict]) -> list[dict]:
@@ -284,3 +421,10 @@ def dedupe(rows: list[dict]) -> list[dict]:
                 first[row["sha256"]] = row["id"]
         out.append(row)
     return out
+
+
+def acquire_item(store: Store, out_dir: str, payload: dict) -> dict:
+    """The acquire stage's item: one candidate (accepted sources go to objects/, by content),
+    retried here on transient errors (the stage's Prefect task does not retry it again)."""
+    cand, cfg = Candidate(**payload["candidate"]), AcquireConfig.model_validate(payload["config"])
+    return with_retries(lambda: acquire_one(store, cand, cfg), cfg.download)

@@ -9,13 +9,12 @@ Plain functions, no Prefect: flows/evaluate.py maps them over items and commits 
 - Models: "base" (the frozen model, LoRA disabled), the run's trained adapter (labelled by its
   loss kind, e.g. "regdpo"), and any extra adapters the config names.
 - One video per (prompt, model, seed), generated at the GT aspect bucket, then brought to the
-  exact GT size, fps and frames by tasks.negatives.renormalize (normalize_file, the one
+  exact GT size, fps and frames by infra.gtspec.renormalize (normalize_file, the one
   normalize path), as the GT-Pair negatives are.
 """
 
 from __future__ import annotations
 
-import gc
 import json
 import math
 import os
@@ -25,97 +24,14 @@ import threading
 import time
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
-from pydantic import Field, field_validator
-
-from infra.config import NormalizeConfig, Section
+from infra.config import GenerateConfig, NormalizeConfig, ProxyConfig, VBenchConfig
 from infra.store import Store, digest, safe_part
-from infra.video import bucket_geometry, decode_frames, nearest_bucket, probe
+from infra.gtspec import NormalizeReject, renormalize, size_in_bucket
+from infra.video import decode_frames, nearest_bucket, probe
 from tasks import vbench_runner
-from tasks.normalize import NormalizeReject
-from tasks.report import DIMENSIONS
-
-BASE = "base"
-Kind = Literal["t2v", "i2v", "i2v-2.2"]  # models.wan.Kind, without importing torch for a config
-Evaluator = Literal["vbench", "proxy"]
-
-
-class GenerateConfig(Section):
-    """How test videos are sampled. The model itself is the train stage's (same base)."""
-
-    seeds: list[int] = Field([0], min_length=1, description="one video per prompt, model and seed; "
-                             "every model gets the same seeds")
-    num_inference_steps: int = Field(50, ge=1)
-    guidance_scale: float = Field(5.0, ge=0)
-    negative_prompt: str | None = None
-    short_edge: int | None = Field(None, ge=16, description="generation size (short edge, px) at "
-                                   "the GT bucket; None = the GT's own (the paper's 720p)")
-    num_frames: int | None = Field(None, ge=1, description="frames to sample; None = the GT's "
-                                   "frames (81); Wan needs 4k + 1")
-    max_prompts: int | None = Field(None, ge=1, description="first N test prompts only (quick looks)")
-    device: str | None = Field(None, description="torch device; None = cuda if available")
-    dtype: str | None = Field(None, description="None = the train stage's dtype")
-
-    @field_validator("num_frames")
-    @classmethod
-    def _wan_frames(cls, v: int | None) -> int | None:
-        if v is not None and (v - 1) % 4:
-            raise ValueError(f"num_frames {v} is not 4k + 1 (Wan's VAE packs 4 frames per latent)")
-        return v
-
-
-class VBenchConfig(Section):
-    """The real vbench package, in the env scripts/vbench_env.sh creates."""
-
-    python: str = Field(".venv-vbench/bin/python", description="python of the vbench env")
-    cache_dir: str = Field("~/.cache/vbench", description="VBENCH_CACHE_DIR: every checkpoint")
-    dimensions: list[str] = Field(list(DIMENSIONS), min_length=1)
-    device: str | None = Field(None, description="None = cuda if the vbench env sees one")
-    timeout_s: float = Field(48 * 3600, gt=0)
-
-    @field_validator("dimensions")
-    @classmethod
-    def _known(cls, v: list[str]) -> list[str]:
-        vbench_runner.missing("/nonexistent", v)  # raises on an unknown dimension name
-        return v
-
-
-class ProxyConfig(Section):
-    """Weight-free proxy metrics (NOT VBench): analysis size and the dynamic-degree test."""
-
-    short_edge: int = Field(128, ge=32, description="frames are analysed at this short edge")
-    flow_fps: float = Field(8.0, gt=0, description="frame pairs per second for the motion test "
-                            "(VBench samples ~8 fps)")
-
-
-class EvaluateConfig(Section):
-    """The evaluate stage (paper §4.1, A.6)."""
-
-    evaluators: list[Evaluator] = Field(["vbench", "proxy"], min_length=1)
-    model: str | None = Field(None, description="base model (hub id or folder); None = the train "
-                              "stage's, so adapters are compared on the base they were trained on")
-    kind: Kind | None = Field(None, description="t2v | i2v | i2v-2.2; None = the train stage's")
-    adapters: dict[str, str] = Field(default_factory=dict, description="extra adapters to compare: "
-                                     "label -> URI of a pytorch_lora_weights.safetensors")
-    include_trained: bool = Field(True, description="compare the run's own train stage adapter")
-    generate: GenerateConfig = GenerateConfig()
-    vbench: VBenchConfig = VBenchConfig()
-    proxy: ProxyConfig = ProxyConfig()
-    decimals: int = Field(5, ge=1, le=8, description="printed precision; ties are decided at it")
-    workers: int = Field(1, ge=1, description="videos in flight (one pipeline per process, so "
-                         "generation itself is serialized; >1 overlaps encoding)")
-
-    @field_validator("adapters")
-    @classmethod
-    def _labels(cls, v: dict[str, str]) -> dict[str, str]:
-        for label in v:
-            safe_part(label)
-            if label == BASE:
-                raise ValueError(f"adapter label {BASE!r} is reserved for the base model")
-        return v
-
 
 # ---------------------------------------------------------------------------------------
 # Test prompts and models
@@ -179,35 +95,30 @@ def _select_model(pipe, store: Store, label: str, adapter: str | None) -> None:
 
 def release_pipeline() -> None:
     """Free the generation pipeline (all its weights) once the stage's videos are made."""
+    from models.runtime import free_memory
+
     with _LOCK:
         _pipeline.cache_clear()
-    gc.collect()
-    import torch
-
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
+    free_memory()
 
 
-def _adapter_file(store: Store, uri: str):
-    """A local path of an adapter named by a store URI (or, from the config, a local file)."""
-    if uri.startswith(store.url + "/"):
-        return store.local_copy(store.key_of(uri))
+def _adapter_file(store: Store, ref: str):
+    """A local path of an adapter: a store key or store URI (the trained one), or a local file
+    or file:// URL named in the config."""
     from contextlib import nullcontext
 
-    path = uri[len("file://"):] if uri.startswith("file://") else uri
-    if "://" in path or not Path(path).is_file():
-        raise FileNotFoundError(f"adapter {uri!r} is neither in the store {store.url} nor a local "
-                                "file: give the URI of a pytorch_lora_weights.safetensors")
-    return nullcontext(path)
-
-
-def generation_size(width: int, height: int, buckets: list[str], short_edge: int | None) -> tuple[str, int, int]:
-    """(bucket, w, h): the GT clip's bucket at the generation short edge (multiples of 16)."""
-    bucket = nearest_bucket(width / height, buckets)[0]
-    if short_edge is None:
-        return bucket, width, height
-    geo = bucket_geometry(width, height, [bucket], short_edge)
-    return bucket, geo.out_w, geo.out_h
+    path = ref[len("file://"):] if ref.startswith("file://") and not ref.startswith(store.url + "/") \
+        else ref
+    if "://" not in path and Path(path).is_file():
+        return nullcontext(path)
+    try:
+        key = store.key_of(ref)
+    except ValueError:
+        key = None
+    if key is None or not store.exists(key):
+        raise FileNotFoundError(f"adapter {ref!r} is neither in the store {store.url} nor a local "
+                                "file: give the key or URI of a pytorch_lora_weights.safetensors")
+    return store.local_copy(key)
 
 
 def sample_frames(pipe, kind: str, prompt: str, image, seed: int, width: int, height: int,
@@ -232,18 +143,16 @@ def generate_one(store: Store, payload: dict, out_dir: str) -> dict:
     """Generate, bring to the GT clip's exact spec, store one test video; returns its row."""
     from PIL import Image
 
-    from tasks.negatives import renormalize  # the negatives' own path back to the GT spec
-
     t, m = payload["test"], payload["model"]
     cfg = GenerateConfig.model_validate(payload["generate"])
     norm = NormalizeConfig.model_validate(payload["normalize"])
     spec, seed = payload["spec"], payload["seed"]
     row = {"id": payload["id"], "prompt_id": t["prompt_id"], "prompt": t["prompt"], "ref": t["ref"],
            "model": m["label"], "adapter": m["adapter"], "seed": seed}
-    bucket, gw, gh = generation_size(t["width"], t["height"], [t["bucket"]] if t.get("bucket") else norm.buckets,
-                                     cfg.short_edge)
+    bucket = t.get("bucket") or nearest_bucket(t["width"] / t["height"], norm.buckets)[0]
     clip = {"width": t["width"], "height": t["height"], "bucket": bucket,
             "frames": t.get("frames") or norm.frames}
+    gw, gh, _ = size_in_bucket(clip, cfg.short_edge, None)
     frames_n = cfg.num_frames or clip["frames"]
     started = time.time()
     image = None
@@ -264,8 +173,8 @@ def generate_one(store: Store, payload: dict, out_dir: str) -> dict:
             out = renormalize(frames, clip, gt, video)
         except (NormalizeReject, RuntimeError) as e:
             return row | {"status": "rejected", "reason": f"generated video misses the GT spec: {e}"}
-        uri = store.put_file(video, f"{out_dir}/video.mp4")
-    return row | {"status": "ok", "reason": "", "video": uri, "width": out["width"],
+        key = store.put_file(video, f"{out_dir}/video.mp4")
+    return row | {"status": "ok", "reason": "", "video": key, "width": out["width"],
                   "height": out["height"], "fps": out["fps"], "frames": out["frames"],
                   "gen_width": gw, "gen_height": gh, "gen_frames": frames_n,
                   "gen_seconds": round(time.time() - started, 2)}
@@ -442,3 +351,13 @@ def mean_by_model(rows: list[dict], columns: list[str], models: list[str]) -> di
             if vals:
                 out[m][c] = float(np.mean(vals))
     return out
+
+
+def generate_item(store: Store, out_dir: str, payload: dict) -> dict:
+    """The evaluate stage's item: one test video (prompt, model, seed) at the GT spec."""
+    return generate_one(store, payload, out_dir)
+
+
+def proxy_item(store: Store, out_dir: str, payload: dict) -> dict:
+    """Proxy metrics of one test video (an item of its own: new proxy settings rescore only)."""
+    return proxy_one(store, payload)

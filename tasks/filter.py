@@ -15,7 +15,8 @@ from scenedetect import FrameTimecode
 from scenedetect.detectors import ContentDetector
 
 from infra.config import FilterConfig, FilterSignals
-from infra.video import VideoInfo, decode_frames
+from infra.store import Store
+from infra.video import FFmpegError, ProbeError, VideoInfo, decode_frames, probe
 
 # Rejection reasons in priority order: the first that applies becomes the row's `reason`.
 REASONS = ("truncated", "static", "slideshow", "effects", "cuts", "text")
@@ -188,3 +189,13 @@ def explain(reason: str, scores: dict, cfg: FilterConfig) -> str:
         "cuts": f"cuts: {s.get('cuts')} > max_cuts {cfg.max_cuts}",
         "text": f"text: text_area {s.get('text_area', 0):.3f} > text_area_max {cfg.text_area_max}",
     }[reason]
+
+
+def score_item(store: Store, out_dir: str, payload: dict) -> dict:
+    """The filter stage's item: every score of one acquired video (thresholds decide later)."""
+    with store.local_copy(store.key_of(payload["video"])) as path:
+        try:
+            scores = analyze(path, probe(path), FilterSignals.model_validate(payload["signals"]))
+        except (FFmpegError, ProbeError) as e:
+            return {"status": "rejected", "reason": f"undecodable: {e}"}
+    return {"status": "scored", **scores}

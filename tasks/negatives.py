@@ -8,7 +8,7 @@
   the latent is pinned to the GT's at every step, so it ends exactly equal to the GT latent.
   One inference per clip; the mask is kept (latent grid + a pixel video for viewing).
 
-Every output goes through tasks.normalize.normalize_file, the code that made the GT clips, to
+Every output goes through infra.gtspec.renormalize (normalize_file, the code that made the GT clips) to
 the GT clip's exact spec (fps, frames, bucket, size), and is probed there. Prompts are
 embedded once per text encoder (tasks.precompute.encode_prompts) before any generator loads.
 """
@@ -27,13 +27,12 @@ from safetensors.torch import save as save_safetensors
 
 from infra.config import GeneratorConfig, LocalCorruptConfig, NormalizeConfig
 from infra.store import Store, digest
-from infra.video import FFMPEG, bucket_geometry, file_url, probe, run_ffmpeg
+from infra.encoded import read_tensor
+from infra.stage import save_row
+from infra.gtspec import renormalize, size_in_bucket
+from infra.video import X264_THREADS, probe, read_frames, reference_image, write_video
 from models import wan
-from tasks.normalize import normalize_file
-from tasks.precompute import FROZEN, read_frames, read_tensor, reference_image, torch_device
-
-# The fields of a normalize row that describe a GT clip.
-GT_FIELDS = ("id", "video", "ref_image", "prompt", "bucket", "width", "height", "fps", "frames")
+from models.runtime import FROZEN, torch_device
 
 
 class NegativesFailed(RuntimeError):
@@ -47,11 +46,7 @@ def item_seed(seed: int, clip_id: str, generator: str) -> int:
 
 def generation_size(clip: dict, gen: GeneratorConfig) -> tuple[int, int, int]:
     """(width, height, frames) to generate at: the GT clip's, or gen.short_edge in its bucket."""
-    frames = gen.frames or clip["frames"]
-    if gen.short_edge is None:
-        return clip["width"], clip["height"], frames
-    geo = bucket_geometry(clip["width"], clip["height"], [clip["bucket"]], gen.short_edge)
-    return geo.out_w, geo.out_h, frames
+    return size_in_bucket(clip, gen.short_edge, gen.frames)
 
 
 def load_generator(gen: GeneratorConfig, device: torch.device) -> wan.Pipeline:
@@ -178,8 +173,8 @@ def local_negative(store: Store, pipe: wan.Pipeline, gen: GeneratorConfig,
     """(uint8 frames [F, H, W, 3] of the corrupted clip, its latent mask [1, F', H', W'])."""
     width, height, frames = size
     with store.local_copy(store.key_of(clip["video"])) as local:
-        pixels = read_frames(local, probe(local), clip["bucket"], width, height, clip["fps"],
-                             frames)
+        pixels = torch.from_numpy(read_frames(local, probe(local), clip["bucket"], width, height,
+                                              clip["fps"], frames))
     z0 = wan.encode_video(pipe.vae, pixels)
     generator = torch.Generator().manual_seed(seed)
     mask = sample_mask(tuple(z0.shape[1:]), cfg, generator, keep_first=gen.kind != "t2v")
@@ -200,36 +195,6 @@ def local_negative(store: Store, pipe: wan.Pipeline, gen: GeneratorConfig,
 # ---------------------------------------------------------------------------------------
 
 
-def write_video(frames: np.ndarray, rate: Fraction, path: str, pix_fmt: str,
-                codec: list[str]) -> None:
-    """Encode raw frames [F, H, W(, 3)] piped to ffmpeg (an argument list, never a shell)."""
-    height, width = frames.shape[1:3]
-    args = [FFMPEG, "-v", "error", "-nostdin", "-y", "-f", "rawvideo", "-pix_fmt", pix_fmt,
-            "-s", f"{width}x{height}", "-r", f"{rate.numerator}/{rate.denominator}",
-            "-i", "pipe:", *codec, file_url(path)]
-    run_ffmpeg(args, input=np.ascontiguousarray(frames).tobytes())
-
-
-def renormalize(frames: np.ndarray, clip: dict, gt: NormalizeConfig, out_video: str) -> dict:
-    """Bring generated frames to the GT clip's exact spec through normalize_file and prove it.
-
-    The frames span the GT clip's duration (frames / fps): at the GT frame count that is the GT
-    frame rate; fewer generated frames (a cheap toy setting) are held longer."""
-    rate = Fraction(len(frames)) * Fraction(gt.fps).limit_denominator(1001) / clip["frames"]
-    spec = gt.model_copy(update={"buckets": [clip["bucket"]],
-                                 "short_edge": min(clip["width"], clip["height"])})
-    with tempfile.TemporaryDirectory(prefix="regdpo-neg-") as tmp:
-        raw = os.path.join(tmp, "generated.mp4")  # lossless RGB
-        write_video(frames, rate, raw, "rgb24", ["-c:v", "libx264rgb", "-crf", "0",
-                                                 "-preset", "ultrafast"])
-        out = normalize_file(raw, probe(raw), spec, out_video, os.path.join(tmp, "ref.png"))
-    got = (out["width"], out["height"], out["frames"], out["bucket"])
-    want = (clip["width"], clip["height"], clip["frames"], clip["bucket"])
-    if got != want:
-        raise RuntimeError(f"renormalized negative {got} does not match its GT clip {want}")
-    return out
-
-
 def mask_video(mask: torch.Tensor, clip: dict, gen_frames: int, gt_fps: float, path: str) -> None:
     """The latent mask as a grey video at the GT clip's size, fps and frame count (viewing)."""
     f_gt = clip["frames"]
@@ -239,7 +204,8 @@ def mask_video(mask: torch.Tensor, clip: dict, gen_frames: int, gt_fps: float, p
     pixels = torch.nn.functional.interpolate(volume, size=(clip["height"], clip["width"]),
                                              mode="nearest-exact")[0]
     write_video((pixels * 255).to(torch.uint8).numpy(), Fraction(gt_fps).limit_denominator(1001),
-                path, "gray", ["-c:v", "libx264", "-preset", "ultrafast", "-pix_fmt", "yuv420p"])
+                path, "gray", ["-c:v", "libx264", "-preset", "ultrafast", "-pix_fmt", "yuv420p",
+                          "-threads", str(X264_THREADS)])
 
 
 # ---------------------------------------------------------------------------------------
@@ -325,3 +291,10 @@ def _finish(store: Store, payload: dict, gen: GeneratorConfig, unit: dict,
 
 def read_mask(store: Store, uri: str) -> torch.Tensor:
     return load_safetensors(store.read_bytes(store.key_of(uri)))["mask"]
+
+
+def negatives_item(store: Store, out_dir: str, payload: dict) -> dict:
+    """The negatives stage's item: a batch of clips for one generator, each clip's row
+    committed under its own item key as soon as its artifacts are in the store."""
+    return make_negatives(store, payload, lambda ikey, row: save_row(
+        store, "negatives", ikey, row | {"flow_run": payload["flow_run"]}))

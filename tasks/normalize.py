@@ -5,40 +5,15 @@ source caption, else from a captioning VLM."""
 
 from __future__ import annotations
 
-import math
 import os
 import tempfile
 
 from PIL import Image
 
 from infra.config import NormalizeConfig
+from infra.gtspec import NormalizeReject, normalize_file
 from infra.store import Store
-from infra.video import VideoInfo, bucket_geometry, normalize_args, probe, run_ffmpeg
-
-
-class NormalizeReject(ValueError):
-    """The clip cannot meet the GT spec; the message is the reason."""
-
-
-def normalize_file(src: str, info: VideoInfo, cfg: NormalizeConfig, out_video: str, out_ref: str) -> dict:
-    """Encode `src` to the GT spec at `out_video` (+ frame-0 PNG) and prove it by probing."""
-    # Frames available after resampling to cfg.fps: reject before spending an encode.
-    available = math.floor(info.duration * cfg.fps + 1e-6)
-    if available < cfg.frames:
-        raise NormalizeReject(f"too short: {info.duration:.2f} s gives {available} frames at "
-                              f"{cfg.fps:g} fps, need {cfg.frames}")
-    geo = bucket_geometry(info.display_width, info.display_height, cfg.buckets, cfg.short_edge)
-    run_ffmpeg(normalize_args(src, out_video, out_ref, geo, cfg.fps, cfg.frames, cfg.crf, cfg.preset))
-    out = probe(out_video, count_frames=True)
-    if out.nb_frames != cfg.frames:
-        raise NormalizeReject(f"too short: only {out.nb_frames} frames at {cfg.fps:g} fps, need {cfg.frames}")
-    spec = (out.width, out.height, out.pix_fmt, round(out.fps, 3), out.rotation)
-    want = (geo.out_w, geo.out_h, "yuv420p", round(cfg.fps, 3), 0)
-    if spec != want:
-        raise RuntimeError(f"normalized output {spec} does not match the GT spec {want}")
-    return {"bucket": geo.bucket, "width": out.width, "height": out.height, "fps": out.fps,
-            "frames": out.nb_frames, "pix_fmt": out.pix_fmt,
-            "crop": f"{geo.crop_w}x{geo.crop_h}+{geo.crop_x}+{geo.crop_y}"}
+from infra.video import probe
 
 
 def normalize_one(store: Store, row: dict, cfg: NormalizeConfig, out_dir: str) -> dict:
@@ -67,3 +42,9 @@ def normalize_one(store: Store, row: dict, cfg: NormalizeConfig, out_dir: str) -
         ref_uri = store.put_file(ref, f"{out_dir}/ref.png")
     return base | spec | {"status": "ok", "reason": "", "video": gt_uri, "ref_image": ref_uri,
                           "prompt": prompt, "prompt_source": prompt_source}
+
+
+def normalize_item(store: Store, out_dir: str, payload: dict) -> dict:
+    """The normalize stage's item: one filtered clip to the GT spec in `out_dir`."""
+    return normalize_one(store, payload["row"], NormalizeConfig.model_validate(payload["config"]),
+                         out_dir)

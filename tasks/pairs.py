@@ -31,10 +31,24 @@ GT_COLUMNS = ("bucket", "width", "height", "fps", "frames")
 Split = Literal["train", "test"]
 
 
+def _split_hash(clip_id: str, seed: int) -> float:
+    return int.from_bytes(hashlib.sha256(f"{seed}:{clip_id}".encode()).digest()[:8], "big") / 2**64
+
+
 def split_of(clip_id: str, test_fraction: float, seed: int) -> Split:
-    """'test' for a fixed pseudo-random `test_fraction` of clips, by a hash of (seed, id)."""
-    h = int.from_bytes(hashlib.sha256(f"{seed}:{clip_id}".encode()).digest()[:8], "big")
-    return "test" if h / 2**64 < test_fraction else "train"
+    """'test' for a fixed pseudo-random `test_fraction` of clips, by a hash of (seed, id): a
+    clip's split never depends on the other clips, so a dataset that grows keeps its splits."""
+    return "test" if _split_hash(clip_id, seed) < test_fraction else "train"
+
+
+def split_clips(clip_ids: list[str], test_fraction: float, seed: int) -> dict[str, Split]:
+    """split_of for every clip; when a small dataset's draw leaves the test split empty although
+    test_fraction > 0, the clip with the lowest hash is held out (never the only clip): the
+    evaluate stage always has a held-out clip, and large datasets are never touched by this."""
+    split = {c: split_of(c, test_fraction, seed) for c in clip_ids}
+    if test_fraction > 0 and len(split) >= 2 and "test" not in split.values():
+        split[min(split, key=lambda c: _split_hash(c, seed))] = "test"
+    return split
 
 
 def _pair(clip: dict, pair_id: str, split: Split, **fields) -> dict:
@@ -163,7 +177,7 @@ def import_video(store: Store, root: str, name: str) -> str:
         raise ValueError(f"video {name!r}: {e}") from None
     sha = hashlib.sha256(path.read_bytes()).hexdigest()
     key = f"items/pairs/annotated/{sha[:32]}{path.suffix.lower()}"
-    return store.uri(key) if store.exists(key) else store.put_file(path, key)
+    return key if store.exists(key) else store.put_file(path, key)
 
 
 def import_pairs(store: Store, rows: list[dict], root: str) -> list[dict]:

@@ -1,6 +1,6 @@
 """precompute (paper A.2, "prompt pre-encoding"): every tensor the trainer needs, encoded once.
 
-Per train pair, one regdpo.pairs.v1 file (tasks/train.py, "Pair data"):
+Per train pair, one regdpo.pairs.v1 file (infra/pairs_format.py):
   prompt_embeds  UMT5, zero-padded to 512 tokens           (WanPipeline.encode_prompt)
   win, lose      VAE latents, (z - latents_mean) / latents_std, the distribution's mode
   cond           I2V: 4 first-frame mask channels + the latent of the zero-padded first frame
@@ -9,7 +9,8 @@ Per train pair, one regdpo.pairs.v1 file (tasks/train.py, "Pair data"):
   mask           LocalDPO pairs: the corrupted region, resampled to this latent grid
 
 Each piece is content-addressed in the store (`cache/encoded/<what>/<digest>.safetensors`, the
-digest of the input bytes, the encoder's identity, the size and this code), so the GT clip that
+digest of the input bytes, the encoder's identity, the size and the code that computes it,
+infra.code), so the GT clip that
 wins five pairs is encoded once, a prompt shared by many clips once, and the negatives stage's
 prompt embeddings are reused here. Frozen encoders are held only while a stage runs
 (`FROZEN`), and the text encoder only during the prompt phase, never next to the VAE.
@@ -17,69 +18,21 @@ prompt embeddings are reused here. Frozen encoders are held only while a stage r
 
 from __future__ import annotations
 
-import gc
-import hashlib
-import threading
-from collections import defaultdict
-from contextlib import contextmanager
-from functools import lru_cache
-from typing import Any, Callable, Iterator
+from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from safetensors.torch import load as load_safetensors
-from safetensors.torch import save as save_safetensors
 
+from infra.code import code_digest
 from infra.config import PrecomputeConfig
-from infra.stage import code_version
-from infra.store import Store, digest, join_key
-from infra.video import VideoInfo, bucket_geometry, file_url, probe, run_ffmpeg
+from infra.encoded import cached, encoded_key, read_tensor, sha256_of
+from infra.gtspec import size_in_bucket
+from infra.pairs_format import PAIRS_FORMAT, check_pair, pair_bytes
+from infra.store import Store
+from infra.video import probe, read_frames, reference_image
 from models import wan
-from tasks.train import PAIRS_FORMAT, check_pair
-
-# ---------------------------------------------------------------------------------------
-# Frozen modules: loaded on first use, shared by a stage's worker threads, one call at a time
-# ---------------------------------------------------------------------------------------
-
-
-class Frozen:
-    """The frozen models a stage holds while it runs; `release()` drops them all."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._models: dict[tuple, tuple[Any, threading.Lock]] = {}
-
-    @contextmanager
-    def use(self, key: tuple, load: Callable[[], Any]) -> Iterator[Any]:
-        """The model under `key` (loaded once), exclusively: pipelines and their schedulers
-        keep per-call state, so calls are serialized while ffmpeg and uploads overlap."""
-        with self._lock:
-            if key not in self._models:
-                self._models[key] = (load(), threading.Lock())
-            model, lock = self._models[key]
-        with lock:
-            yield model
-
-    def release(self) -> None:
-        with self._lock:
-            self._models.clear()
-        free_memory()
-
-
-FROZEN = Frozen()
-
-
-def free_memory() -> None:
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-
-
-def torch_device(name: str | None) -> torch.device:
-    return torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
-
+from models.runtime import FROZEN, torch_device, weight_identity
 
 def load_vae(spec: wan.WanSpec, device: torch.device) -> Any:
     return wan.load_vae(spec).to(device).eval()
@@ -91,107 +44,16 @@ def load_clip(spec: wan.WanSpec, device: torch.device) -> tuple[Any, Any]:
 
 
 # ---------------------------------------------------------------------------------------
-# Content-addressed tensors
-# ---------------------------------------------------------------------------------------
-
-_KEY_LOCKS: defaultdict[str, threading.Lock] = defaultdict(threading.Lock)
-
-
-@lru_cache(maxsize=None)
-def identity(model: str, kind: str, dtype: str, component: str) -> str:
-    """Which weights encode: two models shipping the same UMT5 share their embeddings."""
-    return wan.component_identity(wan.WanSpec(kind, model, dtype), component)  # type: ignore[arg-type]
-
-
-def encoded_key(what: str, **inputs: Any) -> str:
-    return join_key("cache", "encoded", what,
-                    f"{digest({'what': what, **inputs, 'code': code_version('precompute')}, 32)}"
-                    ".safetensors")
-
-
-def read_tensor(store: Store, key: str) -> torch.Tensor:
-    return load_safetensors(store.read_bytes(key))["t"]
-
-
-def cached(store: Store, key: str, compute: Callable[[], torch.Tensor]) -> torch.Tensor:
-    """The tensor at `key`, computed and written (atomically) the first time."""
-    with _KEY_LOCKS[key]:
-        if store.exists(key):
-            return read_tensor(store, key)
-        tensor = compute().contiguous()
-        store.write_bytes(key, save_safetensors({"t": tensor}))
-        return tensor
-
-
-def sha256_of(store: Store, uri: str) -> str:
-    return hashlib.sha256(store.read_bytes(store.key_of(uri))).hexdigest()
-
-
-def prompt_key(spec: wan.WanSpec, prompt: str) -> str:
-    text = identity(spec.model, spec.kind, spec.dtype, "text_encoder")
-    tokens = identity(spec.model, spec.kind, spec.dtype, "tokenizer")
-    return encoded_key("text", prompt=prompt, encoder=text, tokenizer=tokens)
-
-
-def encode_prompts(store: Store, spec: wan.WanSpec, prompts: list[str], device: str | None,
-                   chunk: int = 8) -> dict[str, str]:
-    """prompt -> store key of its [512, text_dim] UMT5 embedding. Loads the text encoder only
-    if some prompt is new, and frees it before returning."""
-    keys = {p: prompt_key(spec, p) for p in dict.fromkeys(prompts)}
-    missing = [p for p, k in keys.items() if not store.exists(k)]
-    if missing:
-        dev = torch_device(device)
-        encoder, tokenizer = wan.load_text_encoder(spec)
-        encoder = encoder.to(dev).eval()
-        for i in range(0, len(missing), chunk):
-            part = missing[i:i + chunk]
-            embeds = wan.encode_prompts(encoder, tokenizer, part, dev).cpu()
-            for prompt, embed in zip(part, embeds):
-                store.write_bytes(keys[prompt], save_safetensors({"t": embed.contiguous()}))
-        del encoder
-        free_memory()
-    return keys
-
-
-# ---------------------------------------------------------------------------------------
 # Frames at the encode size
 # ---------------------------------------------------------------------------------------
 
 
 def encode_size(row: dict, cfg: PrecomputeConfig) -> tuple[int, int, int]:
     """(width, height, frames) to encode a pair at: the GT spec, or the train resolution."""
-    frames = cfg.frames or row["frames"]
-    if frames > row["frames"]:
-        raise ValueError(f"precompute.frames {frames} > the {row['frames']} frames of the GT "
-                         "spec; lower precompute.frames")
-    if cfg.short_edge is None:
-        return row["width"], row["height"], frames
-    geo = bucket_geometry(row["width"], row["height"], [row["bucket"]], cfg.short_edge)
-    return geo.out_w, geo.out_h, frames
-
-
-def read_frames(path: str, info: VideoInfo, bucket: str, width: int, height: int, fps: float,
-                frames: int) -> torch.Tensor:
-    """uint8 [frames, height, width, 3]: the first `frames` at `fps`, center-cropped to `bucket`
-    and scaled, as normalize does (a no-op crop and scale for clips already at the size)."""
-    import ffmpeg
-
-    geo = bucket_geometry(info.display_width, info.display_height, [bucket], min(width, height))
-    args = (
-        ffmpeg.input(file_url(path)).video
-        .filter("fps", fps=fps)
-        .filter("crop", geo.crop_w, geo.crop_h, geo.crop_x, geo.crop_y)
-        .filter("scale", width, height, flags="lanczos")
-        .output("pipe:", format="rawvideo", pix_fmt="rgb24", **{"frames:v": frames})
-        .global_args("-v", "error", "-nostdin")
-        .compile()
-    )
-    buf = run_ffmpeg(args).stdout
-    got = len(buf) // (width * height * 3)
-    if got < frames:
-        raise ValueError(f"video has {got} frames at {fps:g} fps, need {frames}")
-    return torch.from_numpy(np.frombuffer(buf, np.uint8)[: frames * height * width * 3].copy()
-                            .reshape(frames, height, width, 3))
+    if cfg.frames and cfg.frames > row["frames"]:
+        raise ValueError(f"precompute.frames {cfg.frames} > the {row['frames']} frames of the "
+                         "GT spec; lower precompute.frames")
+    return size_in_bucket(row, cfg.short_edge, cfg.frames)
 
 
 # ---------------------------------------------------------------------------------------
@@ -202,30 +64,27 @@ def read_frames(path: str, info: VideoInfo, bucket: str, width: int, height: int
 def video_latent(store: Store, spec: wan.WanSpec, uri: str, row: dict, size: tuple[int, int, int],
                  device: torch.device) -> torch.Tensor:
     width, height, frames = size
-    vae_id = identity(spec.model, spec.kind, spec.dtype, "vae")
-    key = encoded_key("latent", video=sha256_of(store, uri), vae=vae_id, width=width,
+    vae_id = weight_identity(spec.model, spec.kind, spec.dtype, "vae")
+    key = encoded_key("latent", code_digest("tasks.precompute:video_latent"),
+                      video=sha256_of(store, uri), vae=vae_id, width=width,
                       height=height, frames=frames, fps=row["fps"], bucket=row["bucket"])
 
     def compute() -> torch.Tensor:
         with store.local_copy(store.key_of(uri)) as local:
-            pixels = read_frames(local, probe(local), row["bucket"], width, height, row["fps"],
-                                 frames)
+            pixels = torch.from_numpy(read_frames(local, probe(local), row["bucket"], width,
+                                                  height, row["fps"], frames))
         with FROZEN.use(("vae", spec.model), lambda: load_vae(spec, device)) as vae:
             return wan.encode_video(vae, pixels)
 
     return cached(store, key, compute)
 
 
-def reference_image(store: Store, uri: str) -> Image.Image:
-    with store.local_copy(store.key_of(uri)) as local, Image.open(local) as image:
-        return image.convert("RGB")
-
-
 def i2v_condition(store: Store, spec: wan.WanSpec, ref_uri: str, size: tuple[int, int, int],
                   device: torch.device) -> torch.Tensor:
     width, height, frames = size
-    vae_id = identity(spec.model, spec.kind, spec.dtype, "vae")
-    key = encoded_key("cond", image=sha256_of(store, ref_uri), vae=vae_id, width=width,
+    vae_id = weight_identity(spec.model, spec.kind, spec.dtype, "vae")
+    key = encoded_key("cond", code_digest("tasks.precompute:i2v_condition"),
+                      image=sha256_of(store, ref_uri), vae=vae_id, width=width,
                       height=height, frames=frames)
 
     def compute() -> torch.Tensor:
@@ -238,8 +97,9 @@ def i2v_condition(store: Store, spec: wan.WanSpec, ref_uri: str, size: tuple[int
 
 def clip_embedding(store: Store, spec: wan.WanSpec, ref_uri: str,
                    device: torch.device) -> torch.Tensor:
-    clip_id = identity(spec.model, spec.kind, spec.dtype, "image_encoder")
-    key = encoded_key("clip", image=sha256_of(store, ref_uri), encoder=clip_id)
+    clip_id = weight_identity(spec.model, spec.kind, spec.dtype, "image_encoder")
+    key = encoded_key("clip", code_digest("tasks.precompute:clip_embedding"),
+                      image=sha256_of(store, ref_uri), encoder=clip_id)
 
     def compute() -> torch.Tensor:
         image = reference_image(store, ref_uri)
@@ -290,7 +150,7 @@ def precompute_pair(store: Store, row: dict, cfg: PrecomputeConfig, text_key: st
     if problems := check_pair(header, model_config, need_mask=bool(row.get("mask"))):
         raise ValueError(f"pair {row['pair_id']} does not fit {cfg.model!r} ({cfg.kind}): "
                          + "; ".join(problems))
-    uri = store.write_bytes(out_key, save_safetensors(tensors, metadata={"format": PAIRS_FORMAT}))
+    uri = store.write_bytes(out_key, pair_bytes(tensors))
     width, height, frames = size
     return {"status": "ok", "reason": "", "latents": uri, "format": PAIRS_FORMAT,
             "latent_shape": list(tensors["win"].shape), "encode_width": width,
@@ -321,3 +181,11 @@ def check_encoders(spec: wan.WanSpec, model_config: dict) -> None:
     if problems:
         raise ValueError(f"model {spec.model!r} ({spec.kind}) cannot be pre-encoded: "
                          + "; ".join(problems) + "; check precompute.model and kind")
+
+
+def precompute_item(store: Store, out_dir: str, payload: dict) -> dict:
+    """The precompute stage's item: one train pair's regdpo.pairs.v1 file in `out_dir`."""
+    cfg = PrecomputeConfig.model_validate(payload["config"])
+    out = precompute_pair(store, payload["row"], cfg, payload["text_key"], payload["model_config"],
+                          f"{out_dir}/pair.safetensors")
+    return {"id": payload["row"]["pair_id"]} | out

@@ -24,14 +24,10 @@ import tempfile
 from pathlib import Path
 from typing import Iterable
 
+from infra.config import BASE, STAGE_CONFIGS
 from infra.stage import stage_dir
 from infra.store import NotCommittedError, Store
 
-# The paper's six VBench dimensions, in its column order, with its column headings.
-DIMENSIONS: tuple[str, ...] = (
-    "subject_consistency", "background_consistency", "motion_smoothness", "dynamic_degree",
-    "aesthetic_quality", "imaging_quality",
-)
 HEADINGS: dict[str, str] = {
     "subject_consistency": "Subj.Cons.", "background_consistency": "Bkgd.Cons.",
     "motion_smoothness": "Mot.Smooth.", "dynamic_degree": "Dyn.Deg.",
@@ -47,7 +43,6 @@ VBENCH_NORMALIZE: dict[str, tuple[float, float]] = {
 }
 VBENCH_WEIGHT: dict[str, float] = {d: 1.0 for d in VBENCH_NORMALIZE} | {"dynamic_degree": 0.5}
 
-BASE = "base"
 UP, DOWN, SAME = "↑", "↓", "–"
 
 
@@ -215,8 +210,7 @@ def publish_chart(store: Store, report: dict, key: str) -> str:
 # The whole run as text (`regdpo report --run NAME`)
 # ---------------------------------------------------------------------------------------
 
-STAGE_ORDER = ("acquire", "filter", "normalize", "negatives", "pairs", "precompute", "train",
-               "evaluate")
+STAGE_ORDER = tuple(STAGE_CONFIGS)  # the DAG's order (flows/dag.py checks it is the same)
 
 
 def stage_notes(store: Store, stages: dict) -> dict[str, str]:

@@ -145,8 +145,7 @@ def make_edge_cases(out: Path) -> dict[str, Path]:
 def make_toy_models(out: str | os.PathLike) -> Path:
     """models/tiny-blip (captioner) and models/tiny-wan-i2v (a random-weight Wan2.1 I2V in the
     diffusers layout): what configs/toy.yaml loads instead of real weights."""
-    from models.captioner import build_tiny_captioner
-    from models.wan import build_tiny
+    from models.tiny import build_tiny, build_tiny_captioner
 
     models = Path(out) / "models"
     build_tiny_captioner(models / "tiny-blip")

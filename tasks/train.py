@@ -2,7 +2,7 @@
 pre-encoded latent pairs, in one process or many (torchrun; infra.distributed). Read top to
 bottom: config, pair data, one step, loop.
 
-The step (DESIGN "Training: losses (exact)"; equation numbers from Reg-DPO, paper 001):
+The step (docs/architecture.md, "Training: losses (exact)"; equation numbers from Reg-DPO, paper 001):
   per pair ONE timestep t and ONE noise ε, shared by win and lose; flow matching
       x_t = (1 − σ_t) z + σ_t ε,   y = ε − z
   e = mean (y − v(x_t, t, c))² per sample, from the policy (base + LoRA, with grad) and the
@@ -42,28 +42,24 @@ import time
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
 from diffusers import WanTransformer3DModel
-from pydantic import Field, field_validator, model_validator
-from safetensors.torch import load as load_safetensors
-from safetensors.torch import save as save_safetensors
 from torch import Tensor
 
-from infra.checkpoint import CheckpointConfig, Checkpointer, save_final_adapter
-from infra.config import Section, yaml_load
+from infra.checkpoint import Checkpointer, save_final_adapter
+from infra.config import OptimizerConfig, TrainConfig, yaml_load
+from infra.config.train import RUN_CONTROL
 from infra.distributed import Layout, check_grid, shutdown
-from infra.parallel import ParallelConfig, autocast, pair_forward, parallelize
+from infra.pairs_format import PairsDataset
+from infra.parallel import autocast, pair_forward, parallelize
 from infra.store import Store, digest, join_key
-from losses import PreferenceLoss, flow_error, masked_error, preference_loss
+from losses import flow_error, masked_error, preference_loss
 from models.wan import (
-    DEFAULT_TARGETS,
-    TEXT_LEN,
-    WAN21_I2V_14B_720P,
-    Kind,
     WanSpec,
+    transformer_config,
     add_lora,
     load_transformer,
     lora_parameters,
@@ -73,82 +69,6 @@ from models.wan import (
 
 logger = logging.getLogger("regdpo.train")
 Metrics = dict[str, Any]
-
-# ---------------------------------------------------------------------------------------
-# Config: the `train` section
-# ---------------------------------------------------------------------------------------
-
-
-class LoraSection(Section):
-    """The adapter that trains (paper §4.1: rank 16, alpha 32)."""
-
-    rank: int = Field(16, ge=1, description="LoRA rank r")
-    alpha: float = Field(32.0, gt=0, description="LoRA alpha; the update is scaled by alpha/r")
-    targets: list[str] = Field(default_factory=lambda: list(DEFAULT_TARGETS), min_length=1,
-                               description="module-path suffixes that get an adapter")
-    dropout: float = Field(0.0, ge=0, lt=1, description="LoRA dropout")
-
-
-class OptimizerConfig(Section):
-    """AdamW over the LoRA weights only, warmup then a constant or cosine schedule."""
-
-    lr: float = Field(5e-6, gt=0, description="peak learning rate (paper §4.1: 5e-6)")
-    betas: tuple[float, float] = (0.9, 0.999)
-    weight_decay: float = Field(1e-2, ge=0, description="AdamW's decoupled weight decay")
-    eps: float = Field(1e-8, gt=0)
-    warmup_steps: int = Field(0, ge=0, description="linear warmup from lr/warmup_steps to lr")
-    schedule: Literal["constant", "cosine"] = "constant"
-    min_lr_ratio: float = Field(0.0, ge=0, le=1, description="cosine floor, a fraction of lr")
-    max_grad_norm: float | None = Field(1.0, gt=0, description="clip the total norm; None = off")
-
-    @field_validator("betas")
-    @classmethod
-    def _betas(cls, v: tuple[float, float]) -> tuple[float, float]:
-        if not all(0 <= b < 1 for b in v):
-            raise ValueError(f"AdamW betas must lie in [0, 1); got {v}")
-        return v
-
-
-class TrainConfig(Section):
-    """The train stage: which model, which pairs, which loss, and how to step."""
-
-    model: str = Field(WAN21_I2V_14B_720P, description="hub id or local diffusers folder")
-    kind: Kind = "i2v"
-    dtype: str = Field("bfloat16", description="dtype of the frozen base weights")
-    data: str | None = Field(None, description="store key of the committed pairs dataset "
-                             "(the precompute stage's output dir)")
-    loss: PreferenceLoss = PreferenceLoss()
-    lora: LoraSection = LoraSection()
-    optimizer: OptimizerConfig = OptimizerConfig()
-    parallel: ParallelConfig = ParallelConfig()
-    checkpoint: CheckpointConfig = CheckpointConfig()
-    steps: int = Field(1000, ge=1, description="optimizer steps")
-    batch_size: int = Field(1, ge=1, description="pairs per micro-batch")
-    grad_accum: int = Field(1, ge=1, description="micro-batches per optimizer step")
-    seed: int = Field(0, ge=0, description="LoRA init, data order (shuffle seed), noise")
-    shuffle: bool = True
-    shift: float | None = Field(None, gt=0, description="flow shift; None = the model's own")
-    collapse_window: int = Field(50, ge=2, description="steps the collapse guard looks back")
-    collapse_fraction: float = Field(0.1, gt=0, lt=1, description="warn when DGR is below this "
-                                     "fraction of its start value and both gaps rose")
-    device: str | None = Field(None, description="torch device; None = cuda if available "
-                               "(cuda:LOCAL_RANK under torchrun)")
-    local_dir: str | None = Field(None, description="scratch dir for TensorBoard; None = temp")
-    log_sync_s: float = Field(30.0, ge=0, description="upload metrics.jsonl at most this often "
-                              "(and at every checkpoint and the end); 0 = every step")
-
-    @model_validator(mode="after")
-    def _check(self) -> "TrainConfig":
-        WanSpec(self.kind, self.model, self.dtype)  # kind and dtype names
-        if self.kind == "i2v-2.2":
-            raise ValueError("kind 'i2v-2.2' is not trainable yet: Wan2.2's two experts split "
-                             "the timesteps at boundary_ratio and the trainer trains one "
-                             "transformer; use a Wan2.1 model (t2v or i2v)")
-        if self.loss.nll_lambda > 0:
-            raise ValueError("train.loss.nll_lambda > 0 needs real-video batches (Dual-IPO), "
-                             "which the pairs trainer does not draw; set it to 0")
-        return self
-
 
 def check_launch(cfg: TrainConfig, nproc: int) -> int:
     """The data-parallel degree of `nproc` processes under train.parallel, or a ValueError that
@@ -162,200 +82,15 @@ def check_launch(cfg: TrainConfig, nproc: int) -> int:
     return dp
 
 
-# Fields that change no number of the run: a resume may differ in them.
-_RUN_CONTROL = ("checkpoint", "device", "local_dir", "log_sync_s")
-
-
 def config_digest(cfg: TrainConfig, data_sha256: str) -> tuple[str, dict[str, Any]]:
     """(digest, the config it covers): every field that shapes the loss curve, plus the data."""
-    config = {k: v for k, v in cfg.model_dump(mode="json").items() if k not in _RUN_CONTROL}
+    config = {k: v for k, v in cfg.model_dump(mode="json").items() if k not in RUN_CONTROL}
     config["data_sha256"] = data_sha256
     return digest(config), config
 
 
 # ---------------------------------------------------------------------------------------
-# Pair data: the format the precompute stage writes (DESIGN "Negatives and pairs")
-# ---------------------------------------------------------------------------------------
-#
-# A committed stage output (manifest.parquet with rows id, status, reason, latents = the URI
-# of the pair's file; _SUCCESS.json last). Per pair one safetensors file:
-#   win, lose      [C=16, F, H, W]   VAE latents of the preferred / rejected video (normalized)
-#   prompt_embeds  [512, text_dim]   UMT5 output, zero-padded to Wan's 512 text tokens
-#   cond           [20, F, H, W]     I2V only: 4 first-frame mask channels, then the 16-channel
-#                                    latent of the zero-padded first frame (WanImageToVideo order)
-#   image_embeds   [N, image_dim]    Wan2.1 I2V only: CLIP penultimate hidden states (N = 257)
-#   mask           [1, F, H, W]      optional LocalDPO region (1 = corrupted) at latent size
-# Floats are float32/bfloat16/float16; the mask may also be bool/uint8.
-
-PAIRS_FORMAT = "regdpo.pairs.v1"
-_FLOATS = {"F32", "F16", "BF16"}
-_DTYPES = {"win": _FLOATS, "lose": _FLOATS, "prompt_embeds": _FLOATS, "cond": _FLOATS,
-           "image_embeds": _FLOATS, "mask": _FLOATS | {"BOOL", "U8"}}
-_MAX_HEADER = 1 << 24  # a safetensors header is a few hundred bytes per tensor
-
-
-class PairDataError(ValueError):
-    """Pairs that do not fit the model or cannot be read; raised before any step."""
-
-
-def random_pair(model_config: dict[str, Any], frames: int, height: int, width: int,
-                generator: torch.Generator, mask: bool = False,
-                image_tokens: int = 17) -> dict[str, Tensor]:
-    """One pair of random tensors in the pairs format, shaped for `model_config`."""
-    c, c_in = model_config["out_channels"], model_config["in_channels"]
-    latent = (c, frames, height, width)
-    pair = {"win": torch.randn(latent, generator=generator),
-            "lose": torch.randn(latent, generator=generator),
-            "prompt_embeds": torch.randn(TEXT_LEN, model_config["text_dim"], generator=generator)}
-    if c_in > c:
-        pair["cond"] = torch.randn((c_in - c, frames, height, width), generator=generator)
-    if model_config.get("image_dim"):
-        pair["image_embeds"] = torch.randn(image_tokens, model_config["image_dim"],
-                                           generator=generator)
-    if mask:
-        pair["mask"] = (torch.rand((1, frames, height, width), generator=generator) < 0.5).float()
-    return pair
-
-
-def write_pairs(store: Store, stage_dir: str, pairs: dict[str, dict[str, Tensor]]) -> str:
-    """Write pair files, then commit the manifest (last); returns the stage dir's URI."""
-    rows = []
-    for pair_id, tensors in pairs.items():
-        key = f"{stage_dir}/pairs/{pair_id}.safetensors"
-        data = save_safetensors({k: v.contiguous() for k, v in tensors.items()})
-        uri = store.write_bytes(key, data)
-        rows.append({"id": pair_id, "status": "ok", "reason": "", "latents": uri})
-    store.commit_manifest(stage_dir, rows, {"format": PAIRS_FORMAT, "pairs": len(rows)})
-    return store.uri(stage_dir)
-
-
-def write_random_pairs(store: Store, stage_dir: str, model_config: dict[str, Any], n: int, *,
-                       frames: int = 2, height: int = 4, width: int = 4, mask: bool = False,
-                       seed: int = 0) -> str:
-    """A random pairs dataset for tests and demos, until the precompute stage writes real ones."""
-    g = torch.Generator().manual_seed(seed)
-    pairs = {f"pair-{i:06d}": random_pair(model_config, frames, height, width, g, mask)
-             for i in range(n)}
-    return write_pairs(store, stage_dir, pairs)
-
-
-def check_pair(tensors: dict[str, tuple[str, tuple[int, ...]]], model: dict[str, Any],
-               need_mask: bool) -> list[str]:
-    """What is wrong with one pair's tensors (name -> (dtype, shape)) for this transformer."""
-    c, c_in, text_dim = model["out_channels"], model["in_channels"], model["text_dim"]
-    image_dim, (pt, ph, pw) = model.get("image_dim"), model["patch_size"]
-    required = {"win", "lose", "prompt_embeds"} | ({"cond"} if c_in > c else set())
-    required |= ({"image_embeds"} if image_dim else set()) | ({"mask"} if need_mask else set())
-    problems = [f"missing tensor {name!r}" for name in sorted(required - tensors.keys())]
-    for name in sorted(tensors.keys() - _DTYPES.keys()):
-        problems.append(f"unknown tensor {name!r} (the format has {sorted(_DTYPES)})")
-    for name in ({"cond"} if c_in == c else set()) | (set() if image_dim else {"image_embeds"}):
-        if name in tensors:
-            problems.append(f"has {name!r}, which this model (in_channels={c_in}, "
-                            f"image_dim={image_dim}) does not take: wrong kind?")
-    for name, (dtype, _) in tensors.items():
-        if name in _DTYPES and dtype not in _DTYPES[name]:
-            problems.append(f"{name} has dtype {dtype}, expected one of {sorted(_DTYPES[name])}")
-    if problems:
-        return problems
-    win = tensors["win"][1]
-    if len(win) != 4 or win[0] != c:
-        return [f"win has shape {list(win)}, expected [{c}, F, H, W] ({c} latent channels)"]
-    _, f, h, w = win
-    if f % pt or h % ph or w % pw:
-        problems.append(f"latent F×H×W = {f}×{h}×{w} is not divisible by the patch "
-                        f"{pt}×{ph}×{pw}")
-    expected = {"lose": (c, f, h, w), "prompt_embeds": (TEXT_LEN, text_dim),
-                "cond": (c_in - c, f, h, w), "mask": (1, f, h, w)}
-    if image_dim and "image_embeds" in tensors:
-        expected["image_embeds"] = (tensors["image_embeds"][1][0], image_dim)
-    for name, shape in expected.items():
-        if name in tensors and tuple(tensors[name][1]) != shape:
-            problems.append(f"{name} has shape {list(tensors[name][1])}, expected {list(shape)}")
-    return problems
-
-
-@dataclass(frozen=True)
-class PairsDataset:
-    """The ok rows of a committed pairs manifest; tensors are read one pair at a time."""
-
-    store: Store
-    ids: list[str]
-    keys: list[str]
-    sha256: str
-
-    @classmethod
-    def open(cls, store: Store, stage_dir: str) -> "PairsDataset":
-        table, success = store.read_manifest(stage_dir)
-        rows = [r for r in table.to_pylist() if r.get("status") == "ok"]
-        if not rows or "latents" not in table.column_names:
-            raise PairDataError(f"{store.uri(stage_dir)} lists no usable pairs (rows with status "
-                                "'ok' and a 'latents' URI); run the precompute stage first")
-        return cls(store, [r["id"] for r in rows], [store.key_of(r["latents"]) for r in rows],
-                   success["manifest_sha256"])
-
-    def __len__(self) -> int:
-        return len(self.ids)
-
-    def _where(self, i: int) -> str:
-        return f"pair {self.ids[i]!r} ({self.store.uri(self.keys[i])})"
-
-    def header(self, i: int) -> dict[str, tuple[str, tuple[int, ...]]]:
-        """name -> (dtype, shape) from the file's safetensors header, without reading tensors."""
-        with self.store.fs.open(self.store.path(self.keys[i]), "rb") as f:
-            n = int.from_bytes(f.read(8), "little")
-            if not 0 < n <= _MAX_HEADER:
-                raise ValueError("not a safetensors file (bad header length)")
-            header = json.loads(f.read(n))
-        header.pop("__metadata__", None)
-        return {k: (v["dtype"], tuple(v["shape"])) for k, v in header.items()}
-
-    def validate(self, model: dict[str, Any], *, need_mask: bool, batch_size: int) -> None:
-        """Check every pair's header against the transformer config; one error listing all."""
-        problems: list[str] = []
-        first: tuple[str, dict] | None = None  # (id, shapes) of the first readable pair
-        for i in range(len(self)):
-            try:
-                tensors = self.header(i)
-            except FileNotFoundError:
-                problems.append(f"{self._where(i)}: latent file is missing")
-                continue
-            except (OSError, ValueError, KeyError, TypeError) as e:
-                problems.append(f"{self._where(i)}: unreadable as safetensors ({e!r})")
-                continue
-            found = check_pair(tensors, model, need_mask)
-            shapes = {k: s for k, (_, s) in tensors.items()}
-            if not found and batch_size > 1 and first and first[1] != shapes:
-                found = [f"shapes {shapes} differ from {first[0]!r}'s {first[1]}; "
-                         "batch_size > 1 stacks pairs, so all must share one shape"]
-            first = first or (self.ids[i], shapes)
-            problems += [f"{self._where(i)}: {p}" for p in found]
-        if batch_size > len(self):
-            problems.append(f"batch_size {batch_size} > the {len(self)} pairs of the dataset")
-        if problems:
-            more = f"\n  ... and {len(problems) - 10} more" if len(problems) > 10 else ""
-            raise PairDataError(f"{len(problems)} problem(s) with the pairs for this model:\n  "
-                                + "\n  ".join(problems[:10]) + more)
-
-    def load(self, i: int) -> dict[str, Tensor]:
-        try:
-            data = self.store.read_bytes(self.keys[i])
-        except FileNotFoundError:
-            raise PairDataError(f"{self._where(i)}: latent file is missing") from None
-        return {k: v.float() for k, v in load_safetensors(data).items()}
-
-
-def transformer_config(spec: WanSpec) -> dict[str, Any]:
-    """The transformer's config.json, read without loading (up to 14B of) weights."""
-    try:
-        return dict(WanTransformer3DModel.load_config(spec.model, subfolder="transformer"))
-    except OSError:
-        load_transformer(spec)  # raises models.wan's error: what is missing and how to get it
-        raise
-
-
-# ---------------------------------------------------------------------------------------
-# Data order and per-pair noise
+# Pair data: the regdpo.pairs.v1 files of infra/pairs_format.py
 # ---------------------------------------------------------------------------------------
 
 
@@ -484,7 +219,7 @@ class MetricsLog:
         self.writer.flush()
         for path in sorted((self.local / "tensorboard").iterdir()):
             self.store.put_file(path, f"{self.tb_key}/{path.name}")
-        return self.store.uri(self.tb_key)
+        return self.tb_key
 
     def close(self) -> None:
         self.sync_tensorboard()
@@ -689,8 +424,8 @@ class Trainer:
         self.log.close()
         self.layout.barrier()  # all written before any rank returns (and, say, resumes)
         return {"steps": self.step, "skipped": self.skipped, "adapter": adapter,
-                "metrics": self.store.uri(f"{self.out}/{METRICS_FILE}"),
-                "tensorboard": self.store.uri(f"{self.out}/{TENSORBOARD_DIR}")}
+                "metrics": f"{self.out}/{METRICS_FILE}",
+                "tensorboard": f"{self.out}/{TENSORBOARD_DIR}"}
 
     def trainer_state(self) -> dict[str, Any]:
         return {"step": self.step, "skipped": self.skipped, "cursor": asdict(self.cursor),

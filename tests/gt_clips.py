@@ -15,7 +15,7 @@ from infra.config import NormalizeConfig
 from infra.stage import stage_dir
 from infra.store import Store, digest
 from infra.video import probe, run_ffmpeg
-from tasks.normalize import normalize_file
+from infra.gtspec import normalize_file
 
 PROMPTS = ["a red cat walks on the street", "a blue dog runs on the beach",
            "the man walks in the sky", "a woman runs on the street", "the video of a red sky"]

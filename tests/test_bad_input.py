@@ -1,4 +1,4 @@
-"""Bad input (DESIGN.md, "Data stages"): every hostile or odd input ends as a row with a clear
+"""Bad input (docs/architecture.md, "The stage contract"): every hostile or odd input ends as a row with a clear
 reason or as a good GT clip, the flow finishes, and nothing is written outside the store.
 
 One curation flow runs over the edge-case folder, a URL list served by a real local HTTP
@@ -175,9 +175,9 @@ def test_rotated_phone_video_comes_out_portrait(bad_run, toy_dir):
 def test_url_sources(bad_run):
     rows = final_rows(bad_run)
     good = rows[f"{bad_run.http_base}/good.mp4"]
-    assert good["status"] == "ok" and good["video"].startswith(bad_run.store.url + "/"), good
+    assert good["status"] == "ok" and good["video"].startswith("items/normalize/"), good
     acquired = {r["source"]: r for r in bad_run.rows["acquire"]}
-    assert acquired[f"{bad_run.http_base}/good.mp4"]["video"].startswith(bad_run.store.url + "/objects/")
+    assert acquired[f"{bad_run.http_base}/good.mp4"]["video"].startswith("objects/")
     missing = rows[f"{bad_run.http_base}/missing.mp4"]
     assert missing["status"] == "rejected" and "HTTP 404" in missing["reason"], missing
     for url, scheme in BAD_SCHEMES.items():

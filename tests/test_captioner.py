@@ -6,7 +6,8 @@ import torch
 from PIL import Image
 
 from infra.config import CaptionConfig
-from models.captioner import build_tiny_captioner, load_captioner
+from models.captioner import load_captioner
+from models.tiny import build_tiny_captioner
 
 
 @pytest.fixture(scope="module")

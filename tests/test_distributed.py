@@ -45,7 +45,7 @@ TOL = 1e-5
 
 
 def _config(model: str, kind: str, parallel: dict, over: dict, **top: Any):
-    from tasks.train import TrainConfig
+    from infra.config import TrainConfig
 
     base = dict(model=model, kind=kind, dtype="float32", data=f"data/{kind}", batch_size=2,
                 lora=dict(rank=4, alpha=8), optimizer=dict(lr=1e-3, weight_decay=0.0),
@@ -159,9 +159,11 @@ def worker(args: argparse.Namespace) -> None:
 
 @pytest.fixture(scope="module")
 def launched(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
-    from models.wan import WanSpec, build_tiny
+    from models.tiny import build_tiny
+    from models.wan import WanSpec
     from infra.store import Store
-    from tasks.train import transformer_config, write_random_pairs
+    from models.wan import transformer_config
+    from pairs_data import write_random_pairs
 
     root = tmp_path_factory.mktemp("dist")
     models = {kind: build_tiny(kind, root / kind) for kind in ("t2v", "i2v")}

@@ -19,12 +19,11 @@ from infra.config import NormalizeConfig
 from infra.stage import stage_dir
 from infra.store import Store
 from infra.video import bucket_geometry, decode_frames, probe
-from tasks.negatives import write_video
+from infra.gtspec import size_in_bucket
+from infra.video import write_video
 from tasks import vbench_runner
-from tasks.evaluate import (
-    EvaluateConfig, VBenchConfig, VBenchSetupError, check_vbench, generation_size, proxy_metrics,
-    run_vbench, held_out_prompts,
-)
+from infra.config import EvaluateConfig, VBenchConfig
+from tasks.evaluate import VBenchSetupError, check_vbench, proxy_metrics, run_vbench, held_out_prompts
 
 RUN = "ev"
 GT_W, GT_H, GT_FRAMES = 64, 32, 9  # a 16:9 bucket at short edge 32 (the 720p spec, shrunk)
@@ -39,7 +38,7 @@ VBENCH_PYTHON = os.environ.get("REGDPO_VBENCH_PYTHON", ".venv-vbench/bin/python"
 
 @pytest.fixture(scope="module")
 def tiny_i2v(tmp_path_factory) -> str:
-    from models.wan import build_tiny
+    from models.tiny import build_tiny
 
     return build_tiny("i2v", tmp_path_factory.mktemp("wan") / "i2v")
 
@@ -153,6 +152,10 @@ def test_vbench_missing_weights_fail_before_any_work(prefect_api, tmp_path):
         check_vbench(VBenchConfig(python=str(tmp_path / "no-env/bin/python")))
     with pytest.raises(ValueError, match="not supported"):
         VBenchConfig(dimensions=["object_class"])
+    # The torch-free config and the vbench runner agree on what is supported.
+    from infra.config.evaluate import VBENCH_DIMENSIONS
+
+    assert set(VBENCH_DIMENSIONS) == set(vbench_runner.WEIGHTS)
 
 
 # ---------------------------------------------------------------------------------------
@@ -167,9 +170,12 @@ def test_test_prompts_need_a_test_split():
 
 
 def test_generation_keeps_the_gt_bucket():
-    assert generation_size(1280, 720, ["16:9", "1:1"], None) == ("16:9", 1280, 720)
-    assert generation_size(1280, 720, ["16:9", "1:1"], 480) == ("16:9", 848, 480)
-    assert generation_size(720, 960, ["3:4", "1:1"], 32) == ("3:4", 32, 48)
+    def size(w, h, bucket, edge):
+        return size_in_bucket({"width": w, "height": h, "bucket": bucket, "frames": 81}, edge, None)
+
+    assert size(1280, 720, "16:9", None) == (1280, 720, 81)
+    assert size(1280, 720, "16:9", 480) == (848, 480, 81)
+    assert size(720, 960, "3:4", 32) == (32, 48, 81)
 
 
 def _clip(kind: str, n: int = 33, h: int = 72, w: int = 128) -> np.ndarray:

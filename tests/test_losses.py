@@ -457,7 +457,7 @@ def test_config_defaults_are_the_papers():
     ],
 )
 def test_config_rejects_bad_values(field, value):
-    with pytest.raises(ValueError, match=rf"train\.loss\.{field}"):
+    with pytest.raises(ValueError, match=rf"\b{field}\b"):
         PreferenceLoss(**{field: value})
 
 

@@ -31,7 +31,6 @@ from models.wan import (
     WAN22_I2V_A14B,
     WanSpec,
     add_lora,
-    build_tiny,
     load_image_encoder,
     load_pipeline,
     load_scheduler,
@@ -43,6 +42,7 @@ from models.wan import (
     save_lora,
     training_scheduler,
 )
+from models.tiny import build_tiny
 
 KINDS = ("t2v", "i2v", "i2v-2.2")
 REPO = Path(__file__).resolve().parents[1]

@@ -18,7 +18,7 @@ from infra.config import GeneratorConfig, LocalCorruptConfig, NegativesConfig, l
 from infra.stage import input_manifest, stage_dir
 from infra.store import Store
 from infra.video import probe
-from models.wan import build_tiny
+from models.tiny import build_tiny
 from tasks.negatives import load_generator, reconstruct_masked, sample_mask
 
 REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
@@ -155,7 +155,7 @@ def test_t2v_batches_fall_back_to_single_clips_when_one_fails(prefect_api, tiny,
     other is committed."""
     from flows.negatives import negatives
     from models.wan import WanSpec
-    from tasks.precompute import prompt_key
+    from models.runtime import prompt_key
 
     url = f"file://{tmp_path}/store"
     clips = commit_gt_run(url, "batch", n=4)  # sizes 16:9, 9:16, 1:1, 16:9

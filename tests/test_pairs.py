@@ -12,7 +12,7 @@ from gt_clips import commit_gt_run, make_clip
 from infra.config import AnnotatedConfig, PairsConfig
 from infra.stage import input_manifest, stage_dir
 from infra.store import Store, digest
-from tasks.pairs import annotated_candidates, inside, negative_pairs, split_of, held_out_rows
+from tasks.pairs import annotated_candidates, inside, negative_pairs, split_clips, split_of, held_out_rows
 
 
 def clip(i: int) -> dict:
@@ -139,3 +139,18 @@ def test_pairs_refuse_negatives_of_the_other_mode(prefect_api, tmp_path):
         pairs("mix", PairsConfig(mode="gt_pair"), url)
     entry = pairs("mix", PairsConfig(mode="local", test_fraction=0.0), url)
     assert entry["counts"]["ok"] == 1
+
+
+def test_a_small_dataset_always_holds_one_clip_out():
+    for seed in range(50):
+        ids = [f"clip{seed}-{i}" for i in range(4)]
+        split = split_clips(ids, 0.25, seed)
+        assert list(split.values()).count("test") >= 1
+        drawn = {i: split_of(i, 0.25, seed) for i in ids}
+        if "test" in drawn.values():
+            assert split == drawn  # the fallback only acts when the draw held nothing out
+    alone = next(f"only{i}" for i in range(100) if split_of(f"only{i}", 0.25, 0) == "train")
+    assert split_clips([alone], 0.25, 0) == {alone: "train"}  # never holds out the only clip
+    assert set(split_clips([f"c{i}" for i in range(10)], 0.0, 0).values()) == {"train"}
+    big = [f"c{i}" for i in range(2000)]
+    assert split_clips(big, 0.1, 3) == {i: split_of(i, 0.1, 3) for i in big}

@@ -14,14 +14,14 @@ from gt_clips import commit_gt_run
 from infra.config import GeneratorConfig, NegativesConfig, PairsConfig, PrecomputeConfig
 from infra.stage import input_manifest, stage_dir
 from infra.store import Store
-from models import wan
+from models import tiny as tiny_models, wan
 from tasks.pairs import split_of
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory) -> dict[str, str]:
     root = tmp_path_factory.mktemp("tiny-wan")
-    return {kind: wan.build_tiny(kind, root / kind) for kind in ("t2v", "i2v", "i2v-2.2")}
+    return {kind: tiny_models.build_tiny(kind, root / kind) for kind in ("t2v", "i2v", "i2v-2.2")}
 
 
 # ---------------------------------------------------------------------------------------
@@ -37,7 +37,7 @@ def test_i2v_condition_and_clip_tokens_equal_what_the_pipeline_feeds_the_transfo
     seen: list[dict] = []
     pipe.transformer.register_forward_pre_hook(
         lambda module, args, kwargs: seen.append(kwargs), with_kwargs=True)
-    embeds = torch.randn(1, wan.TEXT_LEN, wan.TINY_TEXT_DIM)
+    embeds = torch.randn(1, wan.TEXT_LEN, tiny_models.TINY_TEXT_DIM)
     pipe(image=image, prompt_embeds=embeds, negative_prompt_embeds=embeds, height=32, width=64,
          num_frames=9, num_inference_steps=1, guidance_scale=1.0, output_type="latent")
     fed = seen[0]
@@ -65,7 +65,7 @@ def test_video_latents_are_normalized_as_the_pipeline_normalizes_its_condition(t
 def test_prompt_embeddings_are_padded_to_512_tokens_with_zeros(tiny):
     encoder, tokenizer = wan.load_text_encoder(wan.WanSpec("t2v", tiny["t2v"], "float32"))
     embeds = wan.encode_prompts(encoder, tokenizer, ["a cat", "a red dog runs on the beach"], "cpu")
-    assert embeds.shape == (2, wan.TEXT_LEN, wan.TINY_TEXT_DIM)
+    assert embeds.shape == (2, wan.TEXT_LEN, tiny_models.TINY_TEXT_DIM)
     used = [len(tokenizer(p).input_ids) for p in ("a cat", "a red dog runs on the beach")]
     for row, n in zip(embeds, used):
         assert row[:n].abs().sum(dim=1).gt(0).all() and not row[n:].any()
@@ -128,7 +128,8 @@ def _chain(tiny: dict, kind: str, url: str) -> dict:
 @pytest.mark.slow
 @pytest.mark.parametrize("kind", list(CASES))
 def test_gt_clips_become_a_dataset_the_trainer_validates(chains, tiny, kind):
-    from tasks.train import PairsDataset, transformer_config
+    from infra.pairs_format import PairsDataset
+    from models.wan import transformer_config
 
     url, entry = chains(kind)
     root = url.removeprefix("file://")
@@ -164,7 +165,8 @@ def test_gt_clips_become_a_dataset_the_trainer_validates(chains, tiny, kind):
 
 @pytest.mark.slow
 def test_a_short_training_run_on_precomputed_local_pairs(chains, tiny):
-    from tasks.train import TrainConfig, Trainer
+    from infra.config import TrainConfig
+    from tasks.train import Trainer
     from models.wan import lora_parameters
 
     url, entry = chains("t2v")

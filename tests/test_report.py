@@ -9,8 +9,9 @@ import pytest
 
 from infra.stage import stage_dir
 from infra.store import Store
+from infra.config import BASE, DIMENSIONS
 from tasks.report import (
-    BASE, DIMENSIONS, bar_chart, build_table, markdown, rank_points, render_report,
+    bar_chart, build_table, markdown, rank_points, render_report,
     vbench_quality_score,
 )
 

@@ -1,5 +1,5 @@
-"""Kill and resume (DESIGN.md: "Killing any stage at any moment and starting it again must
-finish with the same result and lose nothing"): `regdpo run` is SIGKILLed mid-normalize, then
+"""Kill and resume (docs/architecture.md, "The stage contract": "killing any stage at any moment
+and starting it again must finish with the same result and lose nothing"): `regdpo run` is SIGKILLed mid-normalize, then
 run again; committed work is reused byte for byte and readers never see a partial manifest."""
 
 from __future__ import annotations

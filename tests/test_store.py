@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import hashlib
 import io
 import json
@@ -22,6 +24,8 @@ from infra.store import (
     digest,
     join_key,
 )
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(params=["file", "s3"])
@@ -70,9 +74,10 @@ def test_store_kind(store: Store):
 
 def test_write_read_bytes_roundtrip(store: Store):
     data = bytes(range(256)) * 5
-    uri = store.write_bytes("items/abc/blob.bin", data)
-    assert uri == store.uri("items/abc/blob.bin") == f"{store.url}/items/abc/blob.bin"
-    assert store.key_of(uri) == "items/abc/blob.bin"
+    key = store.write_bytes("items/abc/blob.bin", data)
+    assert key == "items/abc/blob.bin"  # rows hold keys: relative to the root, so a store moves
+    assert store.uri(key) == f"{store.url}/items/abc/blob.bin"
+    assert store.key_of(store.uri(key)) == store.key_of(key) == key
     assert store.exists("items/abc/blob.bin")
     assert not store.exists("items/abc/other.bin")
     assert store.read_bytes("items/abc/blob.bin") == data
@@ -94,8 +99,8 @@ def test_put_get_file_and_local_copy(store: Store, tmp_path: Path):
     src = tmp_path / "src.bin"
     payload = os.urandom(300_000)
     src.write_bytes(payload)
-    uri = store.put_file(src, "videos/v1.mp4")
-    assert uri == store.uri("videos/v1.mp4")
+    key = store.put_file(src, "videos/v1.mp4")
+    assert key == "videos/v1.mp4"
     assert store.exists("videos/v1.mp4")
 
     dst = tmp_path / "dst.bin"
@@ -191,7 +196,7 @@ def test_commit_and_read_manifest(store: Store):
     assert store.is_committed("stages/filter/k1")
     assert record["rows"] == 3
     assert record["stage"] == "filter" and record["counts"] == {"ok": 1}
-    assert record["manifest"] == store.uri(f"stages/filter/k1/{MANIFEST}")
+    assert record["manifest"] == f"stages/filter/k1/{MANIFEST}"
     assert record["manifest_sha256"] == hashlib.sha256(
         store.read_bytes(f"stages/filter/k1/{MANIFEST}")).hexdigest()
 
@@ -234,12 +239,15 @@ def test_tampered_manifest_is_rejected(store: Store):
 
 def test_update_and_read_run(store: Store):
     assert store.read_run("nightly") is None
-    first = store.update_run("nightly", "acquire", {"key": "stages/acquire/k1", "rows": 3})
+    store.update_run("nightly", "acquire", {"key": "stages/acquire/k1", "rows": 3})
+    first = store.read_run("nightly")
     assert first["name"] == "nightly" and list(first["stages"]) == ["acquire"]
     store.update_run("nightly", "filter", {"key": "stages/filter/k2"}, config={"fps": [16, 45]})
+    created = store.read_run("nightly")["created_at"]
+    store.update_run("nightly", config={"fps": [16, 45]})
     run = store.read_run("nightly")
     assert run["name"] == "nightly"
-    assert run["created_at"] == first["created_at"]
+    assert run["created_at"] == created  # kept when the config is rewritten
     assert run["config"] == {"fps": [16, 45]}
     assert run["stages"] == {
         "acquire": {"key": "stages/acquire/k1", "rows": 3},
@@ -251,6 +259,30 @@ def test_update_and_read_run(store: Store):
     assert run["config"] == {"fps": [16, 45]}  # kept when not given
     assert store.exists("runs/nightly/run.json")
     assert store.read_run("other") is None
+
+
+_UPDATER = """
+import sys
+from infra.store import Store
+store, me, n = Store(sys.argv[1]), sys.argv[2], int(sys.argv[3])
+for i in range(n):
+    store.update_run("race", f"{me}-{i:03d}", {"key": f"k-{me}-{i}", "writer": me})
+    if i % 20 == 0:
+        store.update_run("race", config={"writer": me})
+"""
+
+
+def test_two_processes_updating_one_run_index_lose_no_entry(store: Store):
+    # A pipeline run and a UI re-run of one stage update runs/<name>/ at the same time.
+    n = 60
+    procs = [subprocess.Popen([sys.executable, "-c", _UPDATER, store.url, me, str(n)], cwd=REPO)
+             for me in ("a", "b")]
+    assert [p.wait(timeout=300) for p in procs] == [0, 0]
+    stages = store.read_run("race")["stages"]
+    assert len(stages) == 2 * n
+    assert all(stages[f"{me}-{i:03d}"] == {"key": f"k-{me}-{i}", "writer": me}
+               for me in ("a", "b") for i in range(n))
+    assert store.read_run("race")["config"]["writer"] in ("a", "b")
 
 
 @pytest.mark.parametrize("run", ["../evil", "a/../../b", ".hidden", "", "a b"])
@@ -318,6 +350,7 @@ def test_join_key_and_digest():
 
 def test_key_of_roundtrip_and_rejections(store: Store):
     assert store.key_of(store.uri("a/b.json")) == "a/b.json"
+    assert store.key_of("a/b.json") == "a/b.json"  # what rows hold: relative keys
     bad = [
         f"{store.url}/../x",
         f"{store.url}/a/../b",
@@ -329,7 +362,7 @@ def test_key_of_roundtrip_and_rejections(store: Store):
         store.url,
         f"{store.url}x/a",  # sibling prefix sharing a string prefix
         f"{store.url}/.hidden",
-        "a/b.json",  # a bare key is not a URI
+        "../x", "a/../../x", "./a", ".hidden/x",  # relative keys that leave or hide
         "s3://some-other-bucket/a",
         "file:///etc/passwd",
         "/etc/passwd",

@@ -13,8 +13,11 @@ from safetensors.torch import load_file
 from infra.config import ConfigError, load_config
 from infra.plots import FIG2_PANELS, compare_panels, fig2_panels
 from infra.store import Store
-from models.wan import WanSpec, build_tiny
-from tasks.train import TrainConfig, transformer_config, write_random_pairs
+from models.tiny import build_tiny
+from models.wan import WanSpec
+from infra.config import TrainConfig
+from models.wan import transformer_config
+from pairs_data import write_random_pairs
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -135,11 +138,21 @@ def test_a_failed_launch_fails_the_flow_with_the_tail_of_its_output(prefect_api,
                                                                     tmp_path):
     from flows.train import train
 
+    import shutil
+
     st = Store(str(tmp_path / "store"))
     uri = write_random_pairs(st, "data/pairs", transformer_config(WanSpec("t2v", tiny_t2v)), 4)
-    config = _config(str(tmp_path / "no-such-model"), batch_size=2)
-    with pytest.raises(RuntimeError, match=r"(?s)exit code [1-9].*no-such-model"):
-        train(run="t", config=config, store=st.url, pairs=uri, nproc=2)
+    # A missing model is found before any launch (its weight identity is in the stage key).
+    with pytest.raises(ValueError, match="no-such-model.*is not available"):
+        train(run="t", config=_config(str(tmp_path / "no-such-model"), batch_size=2),
+              store=st.url, pairs=uri, nproc=2)
+    # Weights that exist but do not load fail inside the launched processes.
+    broken = tmp_path / "broken-model"
+    shutil.copytree(tiny_t2v, broken)
+    for shard in (broken / "transformer").glob("*.safetensors"):
+        shard.write_bytes(b"\xff" * shard.stat().st_size)
+    with pytest.raises(RuntimeError, match=r"(?s)exit code [1-9].*(safetensors|header|deserializ)"):
+        train(run="t", config=_config(str(broken), batch_size=2), store=st.url, pairs=uri, nproc=2)
     assert "train" not in (st.read_run("t") or {}).get("stages", {})
 
 

@@ -11,22 +11,29 @@ never see which side is which: each page shows the two videos on randomized side
 judges the left video against the right one, and `candidate_label` maps that answer back
 onto candidate-vs-baseline before it is counted.
 
-Ratings are append-only objects `runs/<run>/gsb/ratings/<time>-<uuid>.json` in the artifact
-store: one atomic write per rating, never overwritten or deleted by the rating page.
+Ratings are objects `runs/<run>/gsb/ratings/<rating id>.json` in the artifact store, the id a
+digest of (task, rater): a rater's first rating of a pair is created atomically under that key
+and any later or concurrent one finds it taken, so exactly one is stored however many copies of
+a form arrive at once. Nothing overwrites or deletes a rating.
+
+Atomic create: Store.create_bytes (a hard link locally; a conditional PUT on S3, which some
+S3-compatible servers such as rclone serve s3 ignore: there one `gsb serve` process must serve
+a run).
 """
 
 from __future__ import annotations
 
+import json
+import logging
 import math
 import re
 import threading
 import time
-import uuid
 from collections import Counter
 from dataclasses import dataclass
 
 from infra.stage import input_manifest
-from infra.store import Store, digest, join_key
+from infra.store import Store, digest, join_key, safe_part
 
 SCHEMA = "regdpo.gsb.rating.v1"
 LABELS = ("good", "same", "bad")
@@ -36,6 +43,8 @@ ASPECTS = {
 }
 BASELINE = "base"
 _RATER = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}$")
+
+log = logging.getLogger("regdpo.gsb")
 
 
 class GSBError(LookupError):
@@ -178,14 +187,19 @@ def ratings_prefix(run: str) -> str:
     return join_key("runs", run, "gsb", "ratings")
 
 
+def rating_id(task: RatingTask, rater: str) -> str:
+    """One id per (task, rater): the key a rater's first rating of the pair is created under."""
+    return digest({"task": task.id, "rater": check_rater(rater)}, 24)
+
+
 def new_rating(run: str, task: RatingTask, rater: str, candidate_left: bool,
                shown: dict[str, str]) -> dict:
     """The stored record: what the rater saw (sides, answers about the left video) and the
     un-swapped candidate-vs-baseline labels that the tallies count."""
     left, right = (task.candidate, task.baseline) if candidate_left else (task.baseline, task.candidate)
     return {
-        "schema": SCHEMA, "id": f"{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{uuid.uuid4().hex}",
-        "run": run, "task": task.id, "rater": check_rater(rater),
+        "schema": SCHEMA, "id": rating_id(task, rater),
+        "run": run, "task": task.id, "rater": rater,
         "candidate": task.comparison.candidate, "baseline": task.comparison.baseline,
         "prompt_id": task.prompt_id, "seed": task.seed,
         "left": {"model": left["model"], "video": left["id"]},
@@ -196,32 +210,61 @@ def new_rating(run: str, task: RatingTask, rater: str, candidate_left: bool,
     }
 
 
+def is_rating(obj) -> bool:
+    """Whether a stored object has what `counted` and `tally` read."""
+    return (isinstance(obj, dict) and all(isinstance(obj.get(k), str) for k in ("id", "task", "rater", "rated_at"))
+            and isinstance(obj.get("labels"), dict) and all(obj["labels"].get(a) in LABELS for a in ASPECTS))
+
+
 class RatingLog:
-    """The run's stored ratings, read incrementally (each object once) and appended to."""
+    """The run's stored ratings, read incrementally (each object once) and created one by one."""
 
     def __init__(self, store: Store, run: str):
         self.store, self.run = store, run
         self._ratings: dict[str, dict] = {}
+        self.unreadable: set[str] = set()  # listed keys that are not ratings
         self._lock = threading.Lock()
 
     def refresh(self) -> list[dict]:
-        """All ratings in the store, including ones other servers wrote."""
-        keys = [k for k in self.store.list(ratings_prefix(self.run)) if k.endswith(".json")]
+        """All ratings in the store, including ones other servers wrote. An object that is not
+        a rating (truncated, hand-edited, foreign) is skipped and logged once; it is re-read on
+        every refresh, so a repaired file counts from then on."""
+        prefix = ratings_prefix(self.run)
+        keys = [k for k in self.store.list(prefix) if k.endswith(".json")]
         for key in keys:
             if key not in self._ratings:
-                rating = self.store.read_json(key)
-                with self._lock:
-                    self._ratings[key] = rating
+                self._read(key)
         with self._lock:
+            self.unreadable &= set(keys)
             return list(self._ratings.values())
 
-    def append(self, rating: dict) -> str:
-        """One atomic write under a fresh name: a rating never replaces another."""
-        key = f"{ratings_prefix(self.run)}/{rating['id']}.json"
-        uri = self.store.write_json(key, rating)
+    def _read(self, key: str) -> None:
+        try:
+            rating = self.store.read_json(key)
+        except FileNotFoundError:
+            return  # removed since the listing
+        except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError is a ValueError
+            rating, why = None, f"not JSON ({e})"
+        else:
+            why = "not a GSB rating (needs id, task, rater, rated_at and Good/Same/Bad labels)"
         with self._lock:
-            self._ratings[key] = rating
-        return uri
+            if is_rating(rating):
+                self._ratings[key] = rating
+                self.unreadable.discard(key)
+            elif key not in self.unreadable:
+                self.unreadable.add(key)
+                log.warning("skipping unreadable GSB rating %s: %s", self.store.uri(key), why)
+
+    def create(self, rating: dict) -> bool:
+        """Store a rating under its own id; False (nothing written) when that id is taken,
+        i.e. this rater already rated this pair."""
+        key = f"{ratings_prefix(self.run)}/{safe_part(rating['id'])}.json"
+        data = json.dumps(rating, indent=2, sort_keys=True, default=str).encode()
+        created = self.store.create_bytes(key, data)
+        if created:
+            with self._lock:
+                self._ratings[key] = rating
+        return created
 
 
 def counted(ratings: list[dict], tasks: list[RatingTask]) -> list[dict]:

@@ -1,0 +1,75 @@
+"""The DAG: every stage with the stages it reads, its config section, the code that defines its
+output and its item function. One place says what depends on what (docs/architecture.md):
+
+    acquire -> filter -> normalize -> negatives -> pairs -> precompute -> train -> evaluate
+    data edges:  pairs <- normalize, negatives      evaluate <- pairs (test split), train
+
+A stage's code version digests its own `code` roots (infra.code: the functions that compute
+its output, followed through everything they call) and the code versions of the stages it
+reads, so editing how filter scores a clip re-keys filter and everything downstream of it, and
+editing a docstring, a comment or an unrelated function re-keys nothing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+
+from infra.code import code_digest
+from infra.config import STAGE_CONFIGS, Section
+from infra.store import digest
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    reads: tuple[str, ...]
+    """The stages whose committed manifests this one reads (the data edges)."""
+    code: tuple[str, ...]
+    """"module:function" roots of the code that computes the output."""
+    item: str | None = None
+    """"module:function" of the item function, (store, out_dir, payload) -> row fields."""
+
+    @property
+    def config(self) -> type[Section]:
+        return STAGE_CONFIGS[self.name]
+
+    @property
+    def code_version(self) -> str:
+        return code_version(self.name)
+
+
+STAGES: dict[str, Stage] = {s.name: s for s in (
+    Stage("acquire", reads=(), code=("tasks.acquire:acquire_one", "tasks.acquire:dedupe"),
+          item="tasks.acquire:acquire_item"),
+    Stage("filter", reads=("acquire",), code=("tasks.filter:analyze", "tasks.filter:decide",
+                                               "tasks.filter:explain"),
+          item="tasks.filter:score_item"),
+    Stage("normalize", reads=("filter",), code=("tasks.normalize:normalize_one",),
+          item="tasks.normalize:normalize_item"),
+    Stage("negatives", reads=("normalize",), code=("tasks.negatives:make_negatives",),
+          item="tasks.negatives:negatives_item"),
+    Stage("pairs", reads=("normalize", "negatives"),
+          code=("tasks.pairs:negative_pairs", "tasks.pairs:held_out_rows",
+                "tasks.pairs:annotated_candidates", "tasks.pairs:import_pairs")),
+    Stage("precompute", reads=("pairs",), code=("tasks.precompute:precompute_pair",
+                                                 "models.runtime:encode_prompts"),
+          item="tasks.precompute:precompute_item"),
+    Stage("train", reads=("precompute",), code=("tasks.train:Trainer",)),
+    Stage("evaluate", reads=("pairs", "train"),
+          code=("tasks.evaluate:generate_one", "tasks.evaluate:proxy_one",
+                "tasks.evaluate:run_vbench"),
+          item="tasks.evaluate:generate_item"),
+)}
+ORDER: tuple[str, ...] = tuple(STAGES)
+assert ORDER == tuple(STAGE_CONFIGS), "flows/dag.py and infra/config/run.py list different stages"
+CURATE: tuple[str, ...] = ("acquire", "filter", "normalize")
+# Sections a run may leave out (None): the run then stops before that stage.
+OPTIONAL: tuple[str, ...] = ("train", "evaluate")
+
+
+@lru_cache(maxsize=None)
+def code_version(stage: str) -> str:
+    """Digest of the stage's own code and, transitively, of every stage it reads."""
+    s = STAGES[stage]
+    return digest([code_digest(*s.code), [code_version(r) for r in s.reads]], 16)

@@ -1,0 +1,129 @@
+"""Checks a run passes before its first stage starts: everything that can be known from the
+config alone and would otherwise surface minutes (at scale, hours) into the run. Every problem
+is listed at once, each naming the config key and how to fix it.
+
+- acquire has something to acquire;
+- clips will have a prompt: sources that cannot carry captions (folders, URL lists, s3://
+  prefixes, a manifest without a caption column) need `normalize.caption.model`;
+- every model a stage will load is here (a local folder with its layout, or a hub id in the
+  HF cache; online, on the hub): the negatives generators, the model that precomputes and
+  trains, the evaluated base, the captioner, and VBench's environment and weights.
+
+Nothing here downloads or loads weights.
+"""
+
+from __future__ import annotations
+
+import io
+from urllib.parse import urlsplit
+
+import pandas as pd
+import pyarrow.parquet as pq
+
+from infra.config import ManifestSource, RunConfig
+from infra.store import open_url
+
+
+class PreflightError(ValueError):
+    """The run cannot succeed as configured; raised before any stage runs."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = problems
+        super().__init__("the run cannot start:\n" + "\n".join(f"  - {p}" for p in problems))
+
+
+def preflight(config: RunConfig, stages: list[str]) -> None:
+    """Raise PreflightError listing every problem of running `stages` with `config`."""
+    problems = []
+    if "acquire" in stages:
+        problems += _sources(config)
+    if "normalize" in stages:
+        problems += _captions(config, "acquire" in stages)
+    problems += _models(config, stages)
+    if problems:
+        raise PreflightError(problems)
+
+
+def _sources(config: RunConfig) -> list[str]:
+    if config.acquire.sources:
+        return []
+    return ["acquire.sources is empty: nothing to acquire. List folders, .txt URL lists, s3:// "
+            "prefixes or CSV/Parquet manifests ({manifest: ..., video_column: ..., "
+            "caption_column: ...})"]
+
+
+def _captions(config: RunConfig, acquiring: bool) -> list[str]:
+    if config.normalize.caption.model or not acquiring:
+        return []
+    bare = [_label(s) for s in config.acquire.sources if not _carries_captions(s)]
+    if not bare:
+        return []
+    return [f"acquire source(s) {', '.join(bare)} carry no captions and normalize.caption.model "
+            "is not set, so every clip from them would be rejected at normalize: set "
+            "normalize.caption.model (a VLM by hub id or local folder), or give a CSV/Parquet "
+            "manifest with a caption column"]
+
+
+def _label(source: str | ManifestSource) -> str:
+    return repr(source.manifest if isinstance(source, ManifestSource) else source)
+
+
+def _carries_captions(source: str | ManifestSource) -> bool:
+    """A manifest with its caption column can; folders, URLs, URL lists and prefixes cannot.
+    A manifest that cannot be read here is left to acquire (it rejects it with the reason)."""
+    if isinstance(source, str):
+        if not source.lower().split("?")[0].endswith((".csv", ".parquet")):
+            return False
+        source = ManifestSource(manifest=source)
+    if not source.caption_column:
+        return False
+    if urlsplit(source.manifest).scheme in ("http", "https"):
+        return True  # its header costs a download; acquire reads it
+    try:
+        return source.caption_column in _columns(source.manifest)
+    except (OSError, ValueError):
+        return True
+
+
+def _columns(manifest: str) -> list[str]:
+    with open_url(manifest, "rb") as f:
+        if manifest.lower().endswith(".parquet"):
+            return list(pq.ParquetFile(f).schema_arrow.names)
+        head = f.read(1 << 16)
+    return list(pd.read_csv(io.BytesIO(head), nrows=0, dtype=str).columns)
+
+
+def _models(config: RunConfig, stages: list[str]) -> list[str]:
+    from models import captioner, wan
+    from tasks.evaluate import VBenchSetupError, check_vbench
+
+    wanted: dict[tuple[str, str], list[str]] = {}  # (model, kind) -> the keys that name it
+    if "negatives" in stages:
+        for i, gen in enumerate(config.negatives.generators):
+            wanted.setdefault((gen.model, gen.kind), []).append(f"negatives.generators[{i}].model")
+    train = config.train
+    if "precompute" in stages and train is not None:
+        pre = config.precompute
+        wanted.setdefault((pre.model or train.model, pre.kind or train.kind), []).append(
+            "precompute.model" if pre.model else "train.model (precompute)")
+    if "train" in stages and train is not None:
+        wanted.setdefault((train.model, train.kind), []).append("train.model")
+    ev = config.evaluate
+    if "evaluate" in stages and ev is not None:
+        model, kind = ev.model or (train.model if train else None), ev.kind or (train.kind if train else None)
+        if model and kind:
+            wanted.setdefault((model, kind), []).append("evaluate.model" if ev.model else
+                                                        "train.model (evaluate)")
+    problems = []
+    for (model, kind), keys in wanted.items():
+        if why := wan.check_available(wan.WanSpec(kind=kind, model=model)):
+            problems.append(f"{', '.join(keys)}: {why}")
+    caption = config.normalize.caption.model
+    if "normalize" in stages and caption and (why := captioner.check_available(caption)):
+        problems.append(f"normalize.caption.model: {why}")
+    if "evaluate" in stages and ev is not None and "vbench" in ev.evaluators:
+        try:
+            check_vbench(ev.vbench)
+        except VBenchSetupError as e:
+            problems.append(f"evaluate.vbench: {e}")
+    return problems

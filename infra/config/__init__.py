@@ -1,0 +1,33 @@
+"""The run config as a tree of small typed sections, importing neither torch nor any stage.
+
+    base      Section, YAML loading, buckets, ConfigError
+    wan       Wan kinds, hub ids, frame and size rules
+    curate    acquire, filter, normalize
+    pairs     negatives, pairs, precompute
+    train     loss, LoRA, optimizer, parallel layout, checkpoints
+    evaluate  sampling, VBench, proxy metrics
+    run       RunConfig (one field per stage), load_config, --set overrides
+"""
+
+from infra.config.base import Buckets, ConfigError, Section, parse_bucket, yaml_load
+from infra.config.curate import (AcquireConfig, CaptionConfig, DownloadConfig, FilterConfig,
+                                 FilterSignals, ManifestSource, NormalizeConfig)
+from infra.config.evaluate import (BASE, DIMENSIONS, EvaluateConfig, GenerateConfig, ProxyConfig,
+                                   VBenchConfig)
+from infra.config.pairs import (AnnotatedConfig, GeneratorConfig, LocalCorruptConfig,
+                                NegativesConfig, PairsConfig, PrecomputeConfig)
+from infra.config.run import (STAGE_CONFIGS, RunConfig, apply_overrides, load_config,
+                              load_section, parse_override)
+from infra.config.train import (CheckpointConfig, LoraSection, LossConfig, OptimizerConfig,
+                                ParallelConfig, TrainConfig)
+from infra.config.wan import Kind
+
+__all__ = [
+    "AcquireConfig", "AnnotatedConfig", "BASE", "Buckets", "CaptionConfig", "CheckpointConfig",
+    "ConfigError", "DIMENSIONS", "DownloadConfig", "EvaluateConfig", "FilterConfig",
+    "FilterSignals", "GenerateConfig", "GeneratorConfig", "Kind", "LocalCorruptConfig",
+    "LoraSection", "LossConfig", "ManifestSource", "NegativesConfig", "NormalizeConfig",
+    "OptimizerConfig", "PairsConfig", "ParallelConfig", "PrecomputeConfig", "ProxyConfig",
+    "RunConfig", "STAGE_CONFIGS", "Section", "TrainConfig", "VBenchConfig", "apply_overrides",
+    "load_config", "load_section", "parse_bucket", "parse_override", "yaml_load",
+]

@@ -1,0 +1,154 @@
+"""Config of the train stage: the loss (exact math in losses/), LoRA, AdamW, layout, checkpoints."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from infra.config.base import Section
+from infra.config.wan import DEFAULT_TARGETS, WAN21_I2V_14B_720P, Dtype, Kind
+
+LossKind = Literal["dpo", "regdpo", "sft", "region", "kto"]
+# The loss constants take numbers only: "500" or true for β is a mistake, not a value.
+Number = Annotated[float, Field(strict=True)]
+
+
+class LossConfig(Section):
+    """The `train.loss` section: which objective, and its constants (losses.preference_loss)."""
+
+    kind: LossKind = Field("regdpo", description="dpo (Eq. 2), regdpo (Eq. 6), sft (e_θ^w only), "
+                           "region (DPO on masked errors, LocalDPO), kto (Diffusion-KTO on single "
+                           "samples: winners desirable, losers undesirable)")
+    beta: Number = Field(500.0, gt=0, description="preference strength β; the losses use b = β/2 "
+                        "(Diffusion-DPO), so DGR ≤ β/2 (the paper uses 500)")
+    r: Number | Literal["dgr"] = Field("dgr", description="Reg-DPO's SFT weight (Eq. 5/6): a "
+                                      "constant ≥ 0, or \"dgr\" for the dynamic r = k·DGR")
+    k: Number = Field(1.0, ge=0, description="multiplier of the dynamic weight r = k·DGR (the "
+                     "paper's default is 1; it tried 1/5 to 2)")
+    nll_lambda: Number = Field(0.0, ge=0, description="Dual-IPO's NLL regulariser λ: adds "
+                              "λ·mean(e_θ) on real videos; 0 turns it off")
+    kto_desirable_weight: Number = Field(1.0, ge=0, description="KTO's λ_D, the weight of "
+                                        "desirable samples")
+    kto_undesirable_weight: Number = Field(1.0, ge=0, description="KTO's λ_U, the weight of "
+                                          "undesirable samples")
+
+    @field_validator("r")
+    @classmethod
+    def _r(cls, v: float | str) -> float | str:
+        if not isinstance(v, str) and v < 0:
+            raise ValueError(f'train.loss.r must be a number ≥ 0 or "dgr" (r = k·DGR); got {v!r}')
+        return v
+
+
+class LoraSection(Section):
+    """The adapter that trains (paper §4.1: rank 16, alpha 32)."""
+
+    rank: int = Field(16, ge=1, description="LoRA rank r")
+    alpha: float = Field(32.0, gt=0, description="LoRA alpha; the update is scaled by alpha/r")
+    targets: list[str] = Field(default_factory=lambda: list(DEFAULT_TARGETS), min_length=1,
+                               description="module-path suffixes that get an adapter")
+    dropout: float = Field(0.0, ge=0, lt=1, description="LoRA dropout")
+
+
+class OptimizerConfig(Section):
+    """AdamW over the LoRA weights only, warmup then a constant or cosine schedule."""
+
+    lr: float = Field(5e-6, gt=0, description="peak learning rate (paper §4.1: 5e-6)")
+    betas: tuple[float, float] = (0.9, 0.999)
+    weight_decay: float = Field(1e-2, ge=0, description="AdamW's decoupled weight decay")
+    eps: float = Field(1e-8, gt=0)
+    warmup_steps: int = Field(0, ge=0, description="linear warmup from lr/warmup_steps to lr")
+    schedule: Literal["constant", "cosine"] = "constant"
+    min_lr_ratio: float = Field(0.0, ge=0, le=1, description="cosine floor, a fraction of lr")
+    max_grad_norm: float | None = Field(1.0, gt=0, description="clip the total norm; None = off")
+
+    @field_validator("betas")
+    @classmethod
+    def _betas(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if not all(0 <= b < 1 for b in v):
+            raise ValueError(f"AdamW betas must lie in [0, 1); got {v}")
+        return v
+
+
+class ParallelConfig(Section):
+    """The `train.parallel` section: how one training step is laid out in memory."""
+
+    pair_batch: bool = Field(
+        True, description="win and lose of a pair go through one forward as a batch of 2; "
+        "off = two separate forwards (same numbers, less peak activation sharing)")
+    gradient_checkpointing: bool = Field(
+        False, description="recompute each transformer block's activations in backward")
+    checkpoint_every: int = Field(
+        1, ge=1, description="with gradient_checkpointing: recompute every k-th block only "
+        "(1 = all blocks; larger trades memory for less recompute)")
+    bf16: bool = Field(True, description="bfloat16 autocast; applies on CUDA only")
+    fsdp: bool = Field(
+        False, description="FSDP2: shard the frozen base weights over all ranks (fully_shard "
+        "per block, then the root); the LoRA weights stay whole on every rank")
+    context_parallel: int = Field(
+        1, ge=1, description="ranks that split one sample's video tokens (sequence axis); "
+        "must divide the number of processes and the token count")
+    pair_parallel: bool = Field(
+        False, description="win side on one rank, lose side on its partner, exchanging only "
+        "the per-sample errors (needs an even number of processes)")
+    attention: Literal["auto", "sdpa", "flash"] = Field(
+        "auto", description="attention kernel: flash = the flash-attn package (`pip install "
+        ".[gpu]`, CUDA only); sdpa = torch's scaled_dot_product_attention; auto = flash when "
+        "installed and on CUDA, else sdpa")
+
+    @property
+    def pair_degree(self) -> int:
+        return 2 if self.pair_parallel else 1
+
+
+class CheckpointConfig(Section):
+    """The `train.checkpoint` section. Not part of the config digest: it changes no numbers."""
+
+    every: int = Field(100, ge=1, description="write a checkpoint every N optimizer steps")
+    resume: bool = Field(True, description="continue from the output's latest checkpoint if any")
+
+
+
+class TrainConfig(Section):
+    """The train stage: which model, which pairs, which loss, and how to step."""
+
+    model: str = Field(WAN21_I2V_14B_720P, description="hub id or local diffusers folder")
+    kind: Kind = "i2v"
+    dtype: Dtype = Field("bfloat16", description="dtype of the frozen base weights")
+    data: str | None = Field(None, description="store key of the committed pairs dataset "
+                             "(the precompute stage's output dir)")
+    loss: LossConfig = LossConfig()
+    lora: LoraSection = LoraSection()
+    optimizer: OptimizerConfig = OptimizerConfig()
+    parallel: ParallelConfig = ParallelConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
+    steps: int = Field(1000, ge=1, description="optimizer steps")
+    batch_size: int = Field(1, ge=1, description="pairs per micro-batch")
+    grad_accum: int = Field(1, ge=1, description="micro-batches per optimizer step")
+    seed: int = Field(0, ge=0, description="LoRA init, data order (shuffle seed), noise")
+    shuffle: bool = True
+    shift: float | None = Field(None, gt=0, description="flow shift; None = the model's own")
+    collapse_window: int = Field(50, ge=2, description="steps the collapse guard looks back")
+    collapse_fraction: float = Field(0.1, gt=0, lt=1, description="warn when DGR is below this "
+                                     "fraction of its start value and both gaps rose")
+    device: str | None = Field(None, description="torch device; None = cuda if available "
+                               "(cuda:LOCAL_RANK under torchrun)")
+    local_dir: str | None = Field(None, description="scratch dir for TensorBoard; None = temp")
+    log_sync_s: float = Field(30.0, ge=0, description="upload metrics.jsonl at most this often "
+                              "(and at every checkpoint and the end); 0 = every step")
+
+    @model_validator(mode="after")
+    def _check(self) -> "TrainConfig":
+        if self.kind == "i2v-2.2":
+            raise ValueError("kind 'i2v-2.2' is not trainable yet: Wan2.2's two experts split "
+                             "the timesteps at boundary_ratio and the trainer trains one "
+                             "transformer; use a Wan2.1 model (t2v or i2v)")
+        if self.loss.nll_lambda > 0:
+            raise ValueError("train.loss.nll_lambda > 0 needs real-video batches (Dual-IPO), "
+                             "which the pairs trainer does not draw; set it to 0")
+        return self
+
+
+# Fields that change no number of the run: a resume (and the stage key) may differ in them.
+RUN_CONTROL = ("checkpoint", "device", "local_dir", "log_sync_s")

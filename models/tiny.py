@@ -1,0 +1,160 @@
+"""Tiny random-weight builds of the real architectures, for tests and `regdpo toy-data`.
+
+Each writes a folder in the hub repos' layout (same diffusers/transformers classes), so the
+real loading code (models.wan.load_pipeline, models.captioner.load_captioner) reads it as it
+would read Wan-AI's or Salesforce's weights. Seeded, without touching the caller's RNG.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from diffusers import (
+    AutoencoderKLWan,
+    UniPCMultistepScheduler,
+    WanImageToVideoPipeline,
+    WanPipeline,
+    WanTransformer3DModel,
+)
+from transformers import (
+    CLIPImageProcessorPil,
+    CLIPVisionConfig,
+    CLIPVisionModel,
+    T5Tokenizer,
+    UMT5Config,
+    UMT5EncoderModel,
+)
+
+from infra.config.wan import Kind
+from models.wan import SHIFT_480P, WanSpec
+
+
+TINY_TEXT_DIM = 32  # UMT5 d_model = transformer text_dim
+TINY_IMAGE_DIM = 32  # CLIP hidden size = transformer image_dim
+TINY_IMAGE_SIZE = 32  # CLIP input side; 8-pixel patches -> 16 + 1 image tokens
+
+
+def tiny_transformer_config(kind: Kind) -> dict[str, Any]:
+    """A 2-block WanTransformer3DModel config with the real model's structure.
+
+    attention_head_dim=12: rope splits it as t = 12 - 2*4 = 4, h = w = 2*(12 // 6) = 4, and
+    every part must be even (complex pairs).
+    """
+    heads, head_dim = 2, 12
+    config = dict(patch_size=(1, 2, 2), num_attention_heads=heads, attention_head_dim=head_dim,
+                  in_channels=16, out_channels=16, text_dim=TINY_TEXT_DIM, freq_dim=32, ffn_dim=48,
+                  num_layers=2, cross_attn_norm=True, qk_norm="rms_norm_across_heads", eps=1e-6,
+                  rope_max_seq_len=64)
+    if kind != "t2v":
+        config["in_channels"] = 16 + 16 + 4  # noise + first-frame latent + 4 mask channels
+    if kind == "i2v":  # CLIP tokens: image_dim -> inner dim, then the added K/V (inner -> inner)
+        config.update(image_dim=TINY_IMAGE_DIM, added_kv_proj_dim=heads * head_dim)
+    return config
+
+
+def _tiny_tokenizer() -> T5Tokenizer:
+    # A Unigram vocabulary like umt5's (pad=0, eos=1, unk=2, sentencepiece '▁' word starts),
+    # built in memory: no download, deterministic.
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    words = "a the cat dog man woman walks runs on in street beach sky red blue video".split()
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -2.0)]
+    vocab += [(f"▁{w}", -1.0) for w in words] + [(c, -3.0) for c in letters]
+    vocab += [(f"▁{c}", -3.5) for c in letters]
+    return T5Tokenizer(vocab=vocab, extra_ids=0)
+
+
+def _tiny_text_encoder(vocab_size: int) -> UMT5EncoderModel:
+    return UMT5EncoderModel(UMT5Config(
+        vocab_size=vocab_size, d_model=TINY_TEXT_DIM, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+        relative_attention_num_buckets=8, relative_attention_max_distance=32,
+        feed_forward_proj="gated-gelu", pad_token_id=0, eos_token_id=1, decoder_start_token_id=0,
+    ))
+
+
+def _tiny_vae() -> AutoencoderKLWan:
+    # The real layout (3 spatial downsamples = 8x, 2 temporal = 4x, z_dim 16) with few channels.
+    return AutoencoderKLWan(base_dim=8, z_dim=16, dim_mult=[1, 2, 2, 2], num_res_blocks=1,
+                            temperal_downsample=[False, True, True])
+
+
+def _tiny_image_encoder() -> tuple[CLIPVisionModel, CLIPImageProcessorPil]:
+    config = CLIPVisionConfig(hidden_size=TINY_IMAGE_DIM, intermediate_size=64, num_hidden_layers=2,
+                              num_attention_heads=2, image_size=TINY_IMAGE_SIZE, patch_size=8,
+                              projection_dim=TINY_IMAGE_DIM)
+    side = TINY_IMAGE_SIZE
+    processor = CLIPImageProcessorPil(size={"shortest_edge": side},
+                                      crop_size={"height": side, "width": side})
+    return CLIPVisionModel(config), processor
+
+
+def _tiny_scheduler() -> UniPCMultistepScheduler:
+    # What Wan-AI's diffusers repos ship: UniPC over flow-matching sigmas.
+    return UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True,
+                                   num_train_timesteps=1000, flow_shift=SHIFT_480P)
+
+
+def build_tiny(kind: Kind, path: str | Path, seed: int = 0) -> str:
+    """Write a random-weight Wan pipeline of `kind` in the diffusers layout to `path`.
+
+    Same classes and folder layout as the hub repos, so `load_pipeline(WanSpec(kind, path))`
+    takes the real loading path. Seeded without touching the caller's RNG. Returns the path.
+    """
+    WanSpec(kind, str(path))  # validates kind
+    tokenizer = _tiny_tokenizer()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        parts: dict[str, Any] = dict(
+            tokenizer=tokenizer, text_encoder=_tiny_text_encoder(len(tokenizer)), vae=_tiny_vae(),
+            scheduler=_tiny_scheduler(),
+            transformer=WanTransformer3DModel(**tiny_transformer_config(kind)),
+        )
+        if kind == "t2v":
+            pipe = WanPipeline(**parts)
+        elif kind == "i2v":
+            parts["image_encoder"], parts["image_processor"] = _tiny_image_encoder()
+            pipe = WanImageToVideoPipeline(**parts)
+        else:  # Wan2.2 A14B: a high-noise and a low-noise expert, switching at 0.9 * 1000
+            parts["transformer_2"] = WanTransformer3DModel(**tiny_transformer_config(kind))
+            pipe = WanImageToVideoPipeline(**parts, boundary_ratio=0.9)
+    pipe.save_pretrained(str(path))
+    return str(path)
+
+
+def build_tiny_captioner(path: str | Path, seed: int = 0) -> str:
+    """Write a tiny random-weight BLIP captioner + processor to `path`; returns the path.
+
+    The weights are seeded (same files every time) and the LM head never picks a special
+    token, so every caption is `max_new_tokens` vocabulary words: never empty.
+    """
+    from transformers import (
+        BertTokenizer, BlipConfig, BlipForConditionalGeneration, BlipImageProcessorPil,
+        BlipProcessor,
+    )
+
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "[DEC]"]  # [DEC]: BLIP's BOS
+    words = ("a the of on in with and man woman dog cat car street red blue green sky tree "
+             "water road people walking running sitting city beach").split()
+    vocab = {w: i for i, w in enumerate(specials + words)}
+    tokenizer = BertTokenizer(vocab=vocab, bos_token="[DEC]")  # v5: vocab dict, no file needed
+    image_processor = BlipImageProcessorPil(size={"height": 32, "width": 32})  # no torchvision
+    config = BlipConfig(
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                           num_attention_heads=2, image_size=32, patch_size=8),
+        text_config=dict(vocab_size=len(vocab), hidden_size=32, encoder_hidden_size=32,
+                         intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                         max_position_embeddings=128, pad_token_id=vocab["[PAD]"],
+                         bos_token_id=vocab["[DEC]"], eos_token_id=vocab["[SEP]"],
+                         sep_token_id=vocab["[SEP]"]),
+        projection_dim=32,
+    )
+    with torch.random.fork_rng():  # seeded without touching the caller's RNG
+        torch.manual_seed(seed)
+        model = BlipForConditionalGeneration(config)
+    with torch.no_grad():
+        model.text_decoder.cls.predictions.bias[: len(specials)] = -1e4
+    path = str(path)
+    model.save_pretrained(path)
+    BlipProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(path)
+    return path
