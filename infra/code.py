@@ -54,9 +54,25 @@ def _source(name: str) -> tuple[Path, bool] | None:
     return None
 
 
-# Stage flows run in threads and key their code at once; CPython 3.11's ast.parse is not
-# thread-safe ("SystemError: AST constructor recursion depth mismatch", seen in CI).
+# Stage flows run in threads and key their code at once. CPython before 3.11.8 keeps the AST
+# constructor's recursion depth in interpreter-global state (gh-106905, fixed in 3.11.8/3.12.2):
+# a parse in any other thread (Prefect's or the stdlib's, e.g. traceback carets) racing ours
+# raises "SystemError: AST constructor recursion depth mismatch" (seen in CI on 3.11.7). The
+# lock serialises our own parses; the retry covers the ones we cannot lock. The tree itself is
+# never wrong: the error is raised instead of returning it.
 _PARSE_LOCK = threading.Lock()
+_PARSE_TRIES = 5
+
+
+def _parse(source: str, filename: str = "<unknown>") -> ast.Module:
+    for attempt in range(_PARSE_TRIES):
+        try:
+            with _PARSE_LOCK:
+                return ast.parse(source, filename=filename)
+        except SystemError as e:
+            if "recursion depth mismatch" not in str(e) or attempt == _PARSE_TRIES - 1:
+                raise
+    raise AssertionError("unreachable")
 
 
 @lru_cache(maxsize=None)
@@ -65,8 +81,7 @@ def _module(name: str) -> _Module | None:
     if found is None:
         return None
     path, is_package = found
-    with _PARSE_LOCK:
-        tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+    tree = _parse(path.read_text(encoding="utf-8"), str(path))
     mod = _Module(name)
     package = name if is_package else name.rpartition(".")[0]
     for node in tree.body:
@@ -103,8 +118,7 @@ def _imports(nodes: list[ast.AST], package: str) -> dict[str, tuple[str, str | N
 def _strip(node: ast.AST) -> ast.AST:
     """A copy without docstrings and annotations (annotations compute nothing)."""
     if not isinstance(node, ast.Module):
-        with _PARSE_LOCK:
-            node = ast.parse(ast.unparse(node)).body[0]
+        node = _parse(ast.unparse(node)).body[0]
     for n in ast.walk(node):
         if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef, ast.Module)):
             body = n.body

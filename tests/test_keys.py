@@ -100,3 +100,27 @@ def test_an_unknown_code_root_is_an_error():
     with pytest.raises(LookupError, match="tasks.filter:no_such_function"):
         infra.code.code_digest("tasks.filter:no_such_function")
 
+
+def test_a_parse_racing_another_thread_is_retried(source, monkeypatch):
+    """CPython < 3.11.8 raises SystemError when another thread's ast.parse races ours
+    (gh-106905); a code version must still come out, and the same one."""
+    root, versions = source
+    before = versions()
+    real = infra.code.ast.parse
+    raced = []
+
+    def racy(*args, **kwargs):
+        if len(raced) < 3:
+            raced.append(1)
+            raise SystemError("AST constructor recursion depth mismatch (before=60, after=74)")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(infra.code.ast, "parse", racy)
+    assert versions() == before and len(raced) == 3
+
+    def broken(*args, **kwargs):
+        raise SystemError("some other interpreter error")
+
+    monkeypatch.setattr(infra.code.ast, "parse", broken)
+    with pytest.raises(SystemError, match="other interpreter error"):
+        versions()
