@@ -30,6 +30,7 @@ from prefect.tasks import exponential_backoff
 from flows.dag import Stage
 from infra import shutdown
 from infra.config import Section
+from infra.progress import Progress
 from infra.stage import bad_rows, content_digest, item_dir, output_digest, item_key, load_row, row_sizes, save_row, stage_dir, stage_key
 from infra.store import Store, digest
 
@@ -179,6 +180,7 @@ class StageRun:
         item = process_item if retries is None else process_item.with_options(retries=retries)
         total = len(work)
         progress = create_progress_artifact(0.0, description=f"{name}: {total} items")
+        counter = Progress(total, name, log.info)  # count, rate, ETA: a line every 10 s, a TTY bar
         pending, inflight, rows = deque(enumerate(work)), {}, [None] * total
         finished: queue.SimpleQueue = queue.SimpleQueue()
         while pending or inflight:
@@ -203,6 +205,8 @@ class StageRun:
                 rows[i] = {"id": payload.get("id", label), "source": payload.get("source"),
                            "status": "failed", "reason": f"{type(e).__name__}: {e}"[:500]}
             update_progress_artifact(progress, 100.0 * (total - len(pending) - len(inflight)) / max(total, 1))
+            counter.update()
+        counter.close()
         shutdown.raise_if_requested(f"{name}: stopped with {len(pending)} item(s) not started")
         return rows
 

@@ -11,15 +11,20 @@ gloo), laid out by train.parallel; its output streams into the flow's log.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import sys
 import tempfile
 from collections import deque
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Callable
 
 from prefect import flow, get_run_logger, task
-from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
+from prefect.artifacts import (create_link_artifact, create_markdown_artifact,
+                               create_progress_artifact, create_table_artifact,
+                               update_progress_artifact)
 from prefect.cache_policies import NO_CACHE
 
 from flows.dag import STAGES
@@ -56,20 +61,63 @@ def _run_precompute(st: Store, run: str) -> str | None:
 
 
 @task(name="train-loop", cache_policy=NO_CACHE)
-def train_adapter(cfg: TrainConfig, store_url: str, out: str, nproc: int = 1) -> dict:
-    """Train (or resume) into `out`, in this process or `nproc` torchrun ones; counts and keys."""
+def train_adapter(cfg: TrainConfig, store_url: str, out: str, nproc: int = 1,
+                  run_name: str = "train") -> dict:
+    """Train (or resume) into `out`, in this process or `nproc` torchrun ones; counts and keys.
+    The trainer's progress line (every train.log_every steps) and its warnings reach this
+    task's log, and a progress artifact follows the steps."""
+    watch = TrainingProgress(run_name, cfg.steps)
     if nproc == 1:
         from tasks.train import train as train_loop
 
-        return train_loop(cfg, Store(store_url), out)
-    return torchrun(cfg, store_url, out, nproc)
+        with forward_logs("regdpo", get_run_logger()):
+            return train_loop(cfg, Store(store_url), out, run_name, watch.update)
+    return torchrun(cfg, store_url, out, nproc, run_name, watch.update)
 
 
-def torchrun(cfg: TrainConfig, store_url: str, out: str, nproc: int) -> dict:
+class TrainingProgress:
+    """A Prefect progress artifact (0–100 %) with the last progress line's numbers."""
+
+    def __init__(self, run_name: str, steps: int):
+        self.id = create_progress_artifact(0.0, description=f"training {run_name}: {steps} steps")
+
+    def update(self, p: dict) -> None:
+        update_progress_artifact(self.id, 100.0 * p["step"] / max(p["total"], 1),
+                                 description=", ".join(f"{k} {v:.4g}" if isinstance(v, float)
+                                                       else f"{k} {v}" for k, v in p.items()))
+
+
+class _Forward(logging.Handler):
+    def __init__(self, target: logging.LoggerAdapter | logging.Logger):
+        super().__init__()
+        self.target = target
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.target.log(record.levelno, "%s", record.getMessage())
+
+
+@contextmanager
+def forward_logs(name: str, target: logging.LoggerAdapter | logging.Logger):
+    """Records of logger `name` (INFO and up) re-logged on `target` (a Prefect run logger:
+    the UI and the console) while the block runs."""
+    source, handler = logging.getLogger(name), _Forward(target)
+    level = source.level
+    source.setLevel(logging.INFO)
+    source.addHandler(handler)
+    try:
+        yield
+    finally:
+        source.removeHandler(handler)
+        source.setLevel(level)
+
+
+def torchrun(cfg: TrainConfig, store_url: str, out: str, nproc: int, run_name: str = "train",
+             on_progress: Callable[[dict], None] | None = None) -> dict:
     """`torchrun --standalone --nproc-per-node N -m tasks.train` (an argument list, no shell),
-    every output line logged as it comes; rank 0's result line, or a RuntimeError quoting the
-    tail of the output."""
-    from tasks.train import RESULT_PREFIX
+    every output line logged as it comes (WARNING lines as warnings); rank 0's progress lines
+    go to `on_progress`, its result line is returned, or a RuntimeError quotes the tail of the
+    output."""
+    from tasks.train import PROGRESS_PREFIX, RESULT_PREFIX
 
     logger = get_run_logger()
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(
@@ -81,7 +129,7 @@ def torchrun(cfg: TrainConfig, store_url: str, out: str, nproc: int) -> dict:
         config.write_text(cfg.model_dump_json())
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
                "--nproc-per-node", str(nproc), "-m", "tasks.train", str(config),
-               "--store", store_url, "--out", out]
+               "--store", store_url, "--out", out, "--run-name", run_name]
         logger.info("launching %d training processes: %s", nproc, " ".join(cmd))
         with subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True, errors="replace") as proc:
@@ -90,8 +138,13 @@ def torchrun(cfg: TrainConfig, store_url: str, out: str, nproc: int) -> dict:
                 if line.startswith(RESULT_PREFIX):
                     result = json.loads(line.removeprefix(RESULT_PREFIX))
                     continue
+                if line.startswith(PROGRESS_PREFIX):
+                    if on_progress:
+                        on_progress(json.loads(line.removeprefix(PROGRESS_PREFIX)))
+                    continue
                 tail.append(line)
-                logger.info("%s", line)
+                logger.log(logging.WARNING if line.startswith(("WARNING ", "ERROR "))
+                           else logging.INFO, "%s", line)
             code = proc.wait()
     if code != 0 or result is None:
         raise RuntimeError(
@@ -182,7 +235,7 @@ def train(run: str = "toy", config: TrainConfig | dict | None = None,
     if entry := s.reuse(settings, [output_digest(data_success)]):
         row = st.read_manifest(s.out)[0].to_pylist()[0]
         return entry | {k: row[k] for k in ("adapter", "metrics", "tensorboard", "fig2")}
-    outputs = train_adapter(cfg, st.url, s.out, nproc)
+    outputs = train_adapter(cfg, st.url, s.out, nproc, f"{run}-{cfg.loss.kind}")
     title = f"run {run}: {cfg.loss.kind}, β={cfg.loss.beta}, r={cfg.loss.r}"
     outputs["fig2"] = plot_fig2(st.url, outputs["metrics"], f"{s.out}/fig2.png", title)
     rows = [json.loads(line) for line in st.read_bytes(outputs["metrics"]).decode()

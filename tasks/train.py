@@ -42,7 +42,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -54,8 +54,10 @@ from infra.config import OptimizerConfig, TrainConfig, yaml_load
 from infra.config.train import RUN_CONTROL
 from infra.distributed import Layout, check_grid, shutdown
 from infra.pairs_format import PairsDataset
+from infra.progress import Progress
 from infra.parallel import autocast, pair_forward, parallelize
 from infra.store import Store, digest, join_key
+from infra.tracking import make_trackers, scalars
 from losses import flow_error, masked_error, preference_loss
 from models.wan import (
     WanSpec,
@@ -167,6 +169,7 @@ class CollapseGuard:
 
 
 METRICS_FILE, TENSORBOARD_DIR = "metrics.jsonl", "tensorboard"
+PROGRESS_PREFIX = "regdpo-train-progress: "  # the line flows.train reads back from torchrun
 
 
 def _jsonable(v: Any) -> Any:
@@ -174,58 +177,70 @@ def _jsonable(v: Any) -> Any:
 
 
 class MetricsLog:
-    """Every step: one JSON line in a local `metrics.jsonl` and TensorBoard scalars in a local
-    dir. The JSONL is uploaded to `<out>/metrics.jsonl` (replaced whole, so readers never see a
-    torn line) at most every `sync_s` seconds, at checkpoints and at the end — re-uploading a
-    growing file every step would be quadratic I/O in the training loop."""
+    """Every step: one JSON line in a local `metrics.jsonl` and the `train.report_to` trackers
+    (infra/tracking.py) in a local dir. The JSONL and the trackers' files are uploaded to
+    `<out>/` (each file replaced whole, so readers never see a torn line) at most every `sync_s`
+    seconds, at checkpoints and at the end — re-uploading growing files every step would be
+    quadratic I/O in the training loop."""
 
-    def __init__(self, store: Store, out: str, local_dir: str | None, sync_s: float = 30.0):
-        self.store, self.key = store, f"{out}/{METRICS_FILE}"
-        self.tb_key = f"{out}/{TENSORBOARD_DIR}"
-        self.sync_s, self.synced_at = sync_s, 0.0
-        self.temporary = local_dir is None
-        self.local = Path(local_dir or tempfile.mkdtemp(prefix="regdpo-train-"))
-        self.path, self.writer = self.local / "metrics.jsonl", None
+    def __init__(self, store: Store, out: str, cfg: TrainConfig, run_name: str):
+        self.store, self.out, self.key = store, out, f"{out}/{METRICS_FILE}"
+        self.sync_s, self.synced_at = cfg.log_sync_s, 0.0
+        self.temporary = cfg.local_dir is None
+        self.local = Path(cfg.local_dir or tempfile.mkdtemp(prefix="regdpo-train-"))
+        self.path, self.last = self.local / METRICS_FILE, {}
+        hparams = cfg.model_dump(mode="json", exclude=set(RUN_CONTROL) | {"data"})
+        self.trackers = make_trackers(cfg.report_to, self.local, run_name, hparams)
 
     def start(self, step: int) -> None:
         """Continue the log after `step`: lines a killed run wrote past its checkpoint go."""
-        from torch.utils.tensorboard import SummaryWriter
-
         lines = []
         if step and self.store.exists(self.key):
             lines = [ln for ln in self.store.read_bytes(self.key).decode().splitlines()
                      if ln.strip() and json.loads(ln)["step"] <= step]
         self.local.mkdir(parents=True, exist_ok=True)
         self.path.write_text("".join(ln + "\n" for ln in lines))
-        # purge_step: TensorBoard drops the killed run's events from this step on.
-        self.writer = SummaryWriter(str(self.local / "tensorboard"), purge_step=step + 1)
+        for t in self.trackers:
+            t.start(step)
 
     def write(self, step: int, metrics: Metrics) -> None:
         line = {"step": step, **{k: _jsonable(v) for k, v in metrics.items()}}
         with self.path.open("a") as f:
             f.write(json.dumps(line) + "\n")
+        self.last = scalars(line)
+        for t in self.trackers:
+            t.log(step, self.last)
         if time.monotonic() - self.synced_at >= self.sync_s:
-            self.sync_metrics()
-        for name, value in line.items():
-            if isinstance(value, (int, float)) and name != "step":  # bools plot as 0/1
-                self.writer.add_scalar(f"train/{name}", float(value), step)
+            self.sync()
 
-    def sync_metrics(self) -> None:
+    def sync(self) -> str:
+        """The JSONL and every tracker's files into the store, as they are now."""
         self.store.put_file(self.path, self.key)
+        for t in self.trackers:
+            t.flush()
+            root = self.local / t.dir
+            for path in sorted(p for p in root.rglob("*") if p.is_file()) if root.is_dir() else []:
+                self.store.put_file(path, f"{self.out}/{t.dir}/{path.relative_to(root).as_posix()}")
         self.synced_at = time.monotonic()
-
-    def sync_tensorboard(self) -> str:
-        self.sync_metrics()
-        self.writer.flush()
-        for path in sorted((self.local / "tensorboard").iterdir()):
-            self.store.put_file(path, f"{self.tb_key}/{path.name}")
-        return self.tb_key
+        return f"{self.out}/{TENSORBOARD_DIR}"
 
     def close(self) -> None:
-        self.sync_tensorboard()
-        self.writer.close()
+        for t in self.trackers:
+            t.close(self.last)
+        self.synced_at = 0.0
+        self.sync()
         if self.temporary:  # everything is in the store now
             shutil.rmtree(self.local, ignore_errors=True)
+
+
+# The metrics of the progress line, in its order (the ones a loss does not log are left out).
+BRIEF = {"loss": "loss", "dpo_loss": "L_dpo", "sft_term": "L_sft", "kto_loss": "L_kto",
+         "dgr": "DGR", "win_gap": "win_gap", "lose_gap": "lose_gap"}
+
+
+def _brief(metrics: Metrics) -> str:
+    return ", ".join(f"{label} {metrics[k]:.4g}" for k, label in BRIEF.items()
+                     if isinstance(metrics.get(k), (int, float)))
 
 
 def _peak_mem_mib(device: torch.device) -> float:
@@ -264,7 +279,9 @@ class Trainer:
     __init__, before any step.
     """
 
-    def __init__(self, cfg: TrainConfig, store: Store, out: str, layout: Layout | None = None):
+    def __init__(self, cfg: TrainConfig, store: Store, out: str, layout: Layout | None = None,
+                 run_name: str = "train",
+                 on_progress: Callable[[dict[str, Any]], None] | None = None):
         if not cfg.data:
             raise ValueError("train.data is not set: give the store key of the pairs dataset "
                              "(the precompute stage's output dir)")
@@ -294,8 +311,8 @@ class Trainer:
         self._epoch_order: tuple[int, list[int]] = (-1, [])
         self.guard = CollapseGuard(cfg.collapse_window, cfg.collapse_fraction)
         # Only the main rank writes; elsewhere these sinks swallow every call.
-        self.log = self.layout.main_only(
-            lambda: MetricsLog(store, self.out, cfg.local_dir, cfg.log_sync_s))
+        self.log = self.layout.main_only(lambda: MetricsLog(store, self.out, cfg, run_name))
+        self.on_progress = on_progress if self.layout.is_main else None
         self.saver = self.layout.main_only(lambda: self.checkpointer)
         self.step, self.skipped = 0, 0
 
@@ -406,19 +423,25 @@ class Trainer:
     def train(self) -> dict[str, Any]:
         """Resume, then loop { train_step; log; checkpoint } to cfg.steps; save the adapter."""
         self.resume()
-        every = self.cfg.checkpoint.every
-        while self.step < self.cfg.steps:
+        every, cfg = self.cfg.checkpoint.every, self.cfg
+        progress = self.layout.main_only(lambda: Progress(
+            cfg.steps, "train", None, unit="step", initial=self.step))
+        while self.step < cfg.steps:
             metrics = self.train_step()
             self.step += 1
             metrics["collapse"] = self.guard.update(metrics)
             if metrics["collapse"]:
                 logger.warning("step %d: collapse signature — DGR %.4g is below %g of its start "
                                "%.4g while win_gap and lose_gap both rose (paper Fig. 2)",
-                               self.step, metrics["dgr"], self.cfg.collapse_fraction,
+                               self.step, metrics["dgr"], cfg.collapse_fraction,
                                self.guard.dgr_start)
             self.log.write(self.step, {"epoch": self.cursor.epoch, **metrics})
-            if self.step % every == 0 or self.step == self.cfg.steps:
+            progress.update(1, _brief(metrics))
+            if self.step % cfg.log_every == 0 or self.step == cfg.steps:
+                self.report_progress(progress, metrics)
+            if self.step % every == 0 or self.step == cfg.steps:
                 self.save_checkpoint()
+        progress.close()
         adapter = self.layout.main_only(lambda: save_final_adapter(
             self.store, self.transformer, f"{self.out}/adapter"))
         self.log.close()
@@ -427,12 +450,25 @@ class Trainer:
                 "metrics": f"{self.out}/{METRICS_FILE}",
                 "tensorboard": f"{self.out}/{TENSORBOARD_DIR}"}
 
+    def report_progress(self, progress: Progress, metrics: Metrics) -> None:
+        """The every-`log_every`-steps line (main rank): step/total, the loss terms, DGR, the
+        gaps, s/step and ETA — to the log (Prefect's, through flows.train) and `on_progress`."""
+        if not self.layout.is_main:
+            return
+        s_per_step = 1 / progress.rate if progress.rate > 0 else math.nan
+        logger.info("step %d/%d: %s | %.3g s/step, ETA %s", self.step, self.cfg.steps,
+                    _brief(metrics), s_per_step, progress.eta_text)
+        if self.on_progress:
+            self.on_progress({"step": self.step, "total": self.cfg.steps,
+                              "s_per_step": s_per_step, "eta_s": progress.eta_s,
+                              **{k: _jsonable(metrics.get(k)) for k in BRIEF if k in metrics}})
+
     def trainer_state(self) -> dict[str, Any]:
         return {"step": self.step, "skipped": self.skipped, "cursor": asdict(self.cursor),
                 "guard": asdict(self.guard)}
 
     def save_checkpoint(self) -> str:
-        self.log.sync_tensorboard()  # and the JSONL: both in the store up to this step
+        self.log.sync()  # the JSONL and the trackers: in the store up to this step
         return self.saver.save(self.step, self.transformer, self.optimizer,
                                self.lr_scheduler, self.trainer_state())
 
@@ -447,9 +483,11 @@ class Trainer:
         self.log.start(self.step)
 
 
-def train(cfg: TrainConfig, store: Store, out: str) -> dict[str, Any]:
-    """Train into `out` (a store prefix); returns small values: counts and URIs."""
-    return Trainer(cfg, store, out).train()
+def train(cfg: TrainConfig, store: Store, out: str, run_name: str = "train",
+          on_progress: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    """Train into `out` (a store prefix); returns small values: counts and URIs. `run_name`
+    names the trackers' run; `on_progress` gets the progress line's values every log_every."""
+    return Trainer(cfg, store, out, run_name=run_name, on_progress=on_progress).train()
 
 
 RESULT_PREFIX = "regdpo-train-result: "  # the line flows.train reads back from a torchrun launch
@@ -462,11 +500,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("config", help="YAML/JSON file with the train section")
     parser.add_argument("--store", required=True, help="artifact store URL")
     parser.add_argument("--out", required=True, help="store prefix for checkpoints and logs")
+    parser.add_argument("--run-name", default="train", help="the trackers' name of this run")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    # The level leads each line: flows.train re-logs a launch's WARNING lines as warnings.
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     cfg = TrainConfig.model_validate(yaml_load(Path(args.config).read_text()) or {})
     try:
-        trainer = Trainer(cfg, Store(args.store), args.out)
+        trainer = Trainer(cfg, Store(args.store), args.out, run_name=args.run_name,
+                          on_progress=lambda p: print(PROGRESS_PREFIX + json.dumps(p), flush=True))
         result = trainer.train()
         if trainer.layout.is_main:  # the launch's one answer
             print(RESULT_PREFIX + json.dumps(result), flush=True)

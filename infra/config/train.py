@@ -135,8 +135,15 @@ class TrainConfig(Section):
     device: str | None = Field(None, description="torch device; None = cuda if available "
                                "(cuda:LOCAL_RANK under torchrun)")
     local_dir: str | None = Field(None, description="scratch dir for TensorBoard; None = temp")
-    log_sync_s: float = Field(30.0, ge=0, description="upload metrics.jsonl at most this often "
-                              "(and at every checkpoint and the end); 0 = every step")
+    log_sync_s: float = Field(30.0, ge=0, description="upload metrics.jsonl and the trackers' "
+                              "files at most this often (and at every checkpoint and the end); "
+                              "0 = every step")
+    log_every: int = Field(10, ge=1, description="one progress line (step/total, loss, L_dpo, "
+                           "DGR, gaps, s/step, ETA) in the log and the Prefect UI every N steps")
+    report_to: list[Literal["tensorboard", "wandb", "mlflow"]] = Field(
+        default_factory=lambda: ["tensorboard"], description="experiment trackers (any subset); "
+        "wandb runs offline unless WANDB_MODE is set, mlflow into a local file store unless "
+        "MLFLOW_TRACKING_URI is set; wandb/mlflow need `pip install 'regdpo[tracking]'`")
 
     @model_validator(mode="after")
     def _check(self) -> "TrainConfig":
@@ -151,4 +158,4 @@ class TrainConfig(Section):
 
 
 # Fields that change no number of the run: a resume (and the stage key) may differ in them.
-RUN_CONTROL = ("checkpoint", "device", "local_dir", "log_sync_s")
+RUN_CONTROL = ("checkpoint", "device", "local_dir", "log_sync_s", "log_every", "report_to")
