@@ -5,6 +5,7 @@ is listed at once, each naming the config key and how to fix it.
 - acquire has something to acquire;
 - clips will have a prompt: sources that cannot carry captions (folders, URL lists, s3://
   prefixes, a manifest without a caption column) need `normalize.caption.model`;
+- the trackers of `train.report_to` are installed (wandb and mlflow come with an extra);
 - every model a stage will load is here (a local folder with its layout, or a hub id in the
   HF cache; online, on the hub): the negatives generators, the model that precomputes and
   trains, the evaluated base, the captioner, and VBench's environment and weights.
@@ -39,6 +40,8 @@ def preflight(config: RunConfig, stages: list[str]) -> None:
         problems += _sources(config)
     if "normalize" in stages:
         problems += _captions(config, "acquire" in stages)
+    if "train" in stages:
+        problems += _trackers(config)
     problems += _models(config, stages)
     if problems:
         raise PreflightError(problems)
@@ -91,6 +94,16 @@ def _columns(manifest: str) -> list[str]:
             return list(pq.ParquetFile(f).schema_arrow.names)
         head = f.read(1 << 16)
     return list(pd.read_csv(io.BytesIO(head), nrows=0, dtype=str).columns)
+
+
+def _trackers(config: RunConfig) -> list[str]:
+    from infra.tracking import EXTRA, PACKAGES, missing_packages
+
+    if config.train is None or not (missing := missing_packages(config.train.report_to)):
+        return []
+    return [f"train.report_to lists {missing} but the package(s) "
+            f"{[PACKAGES[m] for m in missing]} are not installed: {EXTRA}, or drop them from "
+            "train.report_to (tensorboard needs nothing extra)"]
 
 
 def _models(config: RunConfig, stages: list[str]) -> list[str]:

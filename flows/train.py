@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import subprocess
 import sys
@@ -79,12 +80,21 @@ class TrainingProgress:
     """A Prefect progress artifact (0–100 %) with the last progress line's numbers."""
 
     def __init__(self, run_name: str, steps: int):
+        self.run_name = run_name
         self.id = create_progress_artifact(0.0, description=f"training {run_name}: {steps} steps")
 
     def update(self, p: dict) -> None:
-        update_progress_artifact(self.id, 100.0 * p["step"] / max(p["total"], 1),
-                                 description=", ".join(f"{k} {v:.4g}" if isinstance(v, float)
-                                                       else f"{k} {v}" for k, v in p.items()))
+        """`p`: the trainer's progress record (step, total, s_per_step, eta_s, loss terms)."""
+        from tqdm import tqdm
+
+        from tasks.train import BRIEF
+
+        eta = "?" if p.get("eta_s") is None else tqdm.format_interval(p["eta_s"])
+        terms = ", ".join(f"{label} {p[k]:.4g}" for k, label in BRIEF.items()
+                          if isinstance(p.get(k), (int, float)))
+        update_progress_artifact(self.id, 100.0 * p["step"] / max(p["total"], 1), description=(
+            f"training {self.run_name}: step {p['step']}/{p['total']}, "
+            f"{p.get('s_per_step', math.nan):.3g} s/step, ETA {eta} | {terms}"))
 
 
 class _Forward(logging.Handler):
@@ -101,14 +111,16 @@ def forward_logs(name: str, target: logging.LoggerAdapter | logging.Logger):
     """Records of logger `name` (INFO and up) re-logged on `target` (a Prefect run logger:
     the UI and the console) while the block runs."""
     source, handler = logging.getLogger(name), _Forward(target)
-    level = source.level
+    level, propagate = source.level, source.propagate
     source.setLevel(logging.INFO)
+    source.propagate = False  # the run logger prints it: once on the console, not twice
     source.addHandler(handler)
     try:
         yield
     finally:
         source.removeHandler(handler)
         source.setLevel(level)
+        source.propagate = propagate
 
 
 def torchrun(cfg: TrainConfig, store_url: str, out: str, nproc: int, run_name: str = "train",

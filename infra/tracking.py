@@ -1,6 +1,6 @@
 """Experiment trackers of the training loop (`train.report_to`, as diffusers and TRL users know
 it): TensorBoard always works (torch ships the writer); wandb (offline: no network) and MLflow
-(a local file store) come with `pip install 'regdpo[tracking]'`.
+(a local SQLite store; MLflow 3 refuses its old `./mlruns` file store) come with `pip install 'regdpo[tracking]'`.
 
 Each tracker writes under a local dir that `MetricsLog` uploads to `<out>/<tracker dir>` in the
 store on the metrics cadence: `tensorboard --logdir`, `wandb sync` and `mlflow ui
@@ -24,7 +24,8 @@ TAG_GROUPS = {
     "fig2": ("dgr", "r", "dgr_plus_r", "win_gap", "lose_gap", "s", "dpo_loss"),
     "loss": ("loss", "sft_term", "nll_term", "kto_loss", "kl", "reward", "reward_desirable",
              "reward_undesirable", "implicit_acc", "region_loss"),
-    "errors": ("err_win", "err_lose", "ref_win", "ref_lose", "err", "err_ref", "err_real"),
+    "errors": ("err_win", "err_lose", "err_ref_win", "err_ref_lose", "err", "err_ref",
+               "err_real", "n_desirable", "n_undesirable"),
     "optim": ("lr", "grad_norm", "skipped", "skipped_total", "collapse", "epoch"),
     "system": ("step_time", "peak_mem"),
 }
@@ -137,14 +138,17 @@ class WandbTracker(Tracker):
 
 
 class MlflowTracker(Tracker):
-    """MLflow into a local file store (`mlruns/`), or MLFLOW_TRACKING_URI when it is set."""
+    """MLflow into a local SQLite store (`mlflow/mlflow.db`; `mlflow ui --backend-store-uri
+    sqlite:///<copy>/mlflow.db` reads the store's copy), or MLFLOW_TRACKING_URI when it is set."""
 
-    dir = "mlruns"
+    dir = "mlflow"
 
     def start(self, step: int) -> None:
         import mlflow
 
-        uri = os.environ.get("MLFLOW_TRACKING_URI") or (self.local / self.dir).resolve().as_uri()
+        db = self.local / self.dir / "mlflow.db"
+        db.parent.mkdir(parents=True, exist_ok=True)
+        uri = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{db.resolve()}"
         self.client = mlflow.MlflowClient(tracking_uri=uri)
         name = os.environ.get("MLFLOW_EXPERIMENT_NAME", "regdpo")
         exp = self.client.get_experiment_by_name(name)

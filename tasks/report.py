@@ -19,6 +19,7 @@ they are proxies, and never a VBench quality score.
 
 from __future__ import annotations
 
+import json
 import math
 import tempfile
 from pathlib import Path
@@ -168,7 +169,9 @@ def markdown(report: dict) -> str:
 
 
 def bar_chart(report: dict, path: str | Path) -> Path:
-    """Grouped bars per dimension (one bar per method) and the Total_Score, per evaluator."""
+    """Per evaluator: each method's change against Base per dimension (grouped bars of
+    value − Base, labelled with the signed delta: absolute bars hide the 1e-4 differences the
+    tables show), and the Total_Score."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -179,15 +182,24 @@ def bar_chart(report: dict, path: str | Path) -> Path:
                              gridspec_kw={"width_ratios": [4, 1]})
     for (ax, ax_total), table in zip(axes, tables):
         dims, rows = table["dimensions"], table["rows"]
-        width = 0.8 / max(len(rows), 1)
-        for i, r in enumerate(rows):
+        base = next(r for r in table["rows"] if r["method"] == table["base"])
+        others = [r for r in rows if r is not base]
+        width = 0.8 / max(len(others), 1)
+        for i, r in enumerate(others):
             xs = [j + i * width for j in range(len(dims))]
-            ys = [r["values"][d] if _finite(r["values"][d]) else 0.0 for d in dims]
-            ax.bar(xs, ys, width, label=r["method"])
-        ax.set_xticks([j + width * (len(rows) - 1) / 2 for j in range(len(dims))])
+            ys = [r["values"][d] - base["values"][d]
+                  if _finite(r["values"][d]) and _finite(base["values"][d]) else 0.0 for d in dims]
+            bars = ax.bar(xs, ys, width, label=r["method"], color=f"C{rows.index(r)}")
+            ax.bar_label(bars, labels=[f"{y:+.{table['decimals']}f}" for y in ys], fontsize=6,
+                         rotation=90, padding=2)
+        ax.axhline(0.0, color="black", linewidth=0.8)
+        ax.margins(y=0.35)
+        ax.set_xticks([j + width * (len(others) - 1) / 2 for j in range(len(dims))])
         ax.set_xticklabels([_heading(table, d) for d in dims], fontsize=8)
-        ax.set_title(_title(table), fontsize=9)
-        ax.legend(fontsize=7)
+        ax.set_ylabel(f"Δ vs {table['base']}", fontsize=8)
+        ax.set_title(f"{_title(table)}: change against {table['base']}", fontsize=9)
+        if others:
+            ax.legend(fontsize=7)
         ax_total.bar([r["method"] for r in rows], [r["total_score"] for r in rows],
                      color=[f"C{i}" for i in range(len(rows))])
         ax_total.set_title("Total_Score" + (" (proxy)" if table["evaluator"] == "proxy" else ""),
@@ -247,6 +259,8 @@ def render_report(store: Store, run: str) -> str:
         lines.append(f"| {name} | {counts.get('ok', 0)} | {counts.get('rejected', 0)} | "
                      f"{counts.get('failed', 0)} | {stages[name].get('manifest', '')} | {note} |")
     text = "\n".join(lines) + "\n"
+    if "train" in stages and "train" not in notes:
+        text += "\n" + training_section(store, stages["train"])
     if "evaluate" in stages:
         report_key = f"{stage_dir('evaluate', stages['evaluate']['key'])}/report.json"
         try:
@@ -254,3 +268,43 @@ def render_report(store: Store, run: str) -> str:
         except FileNotFoundError:
             text += f"\n(evaluate committed without {report_key})\n"
     return text
+
+
+# The last step's metrics the Training section shows, in this order (a loss logs a subset).
+TRAINING_METRICS = ("loss", "dpo_loss", "sft_term", "kto_loss", "nll_term", "region_loss", "dgr",
+                    "r", "win_gap", "lose_gap", "s", "implicit_acc", "lr", "grad_norm")
+
+
+def training_section(store: Store, entry: dict) -> str:
+    """The train stage in the report: steps, the adapter, the collapse guard's verdict, the
+    Fig. 2 panels and the last step's metrics (from the stage's manifest row and metrics.jsonl)."""
+    table, _ = store.read_manifest(stage_dir("train", entry["key"]))
+    row = table.to_pylist()[0]
+    rows = []
+    if row.get("metrics") and store.exists(store.key_of(row["metrics"])):
+        rows = [json.loads(line) for line in
+                store.read_bytes(store.key_of(row["metrics"])).decode().splitlines() if line.strip()]
+    fired = [r for r in rows if r.get("collapse")]
+    if fired:
+        verdict = (f"**fired** on {len(fired)} step(s), first at step {fired[0]['step']}: the "
+                   "paper's collapse signature (DGR → 0 while win_gap and lose_gap both rise); "
+                   "consider Reg-DPO (`train.loss.kind: regdpo`, `r: dgr`) or a smaller lr")
+    elif rows and any(_finite(r.get("dgr")) for r in rows):
+        verdict = "never fired"
+    else:
+        verdict = "n/a (this loss logs no DGR)"
+    lines = ["## Training", "",
+             f"- steps: {row.get('steps', len(rows))} ({row.get('skipped', 0)} skipped: non-finite)",
+             f"- adapter (diffusers `load_lora_weights`): {store.uri(store.key_of(row['adapter']))}",
+             f"- collapse guard: {verdict}"]
+    if row.get("fig2"):
+        lines.append(f"- Fig. 2 panels: {store.uri(store.key_of(row['fig2']))}")
+    if row.get("tensorboard"):
+        lines.append(f"- TensorBoard: `tensorboard --logdir {store.uri(store.key_of(row['tensorboard']))}`")
+    last = rows[-1] if rows else {}
+    shown = [(k, last[k]) for k in TRAINING_METRICS if _finite(last.get(k))]
+    if shown:
+        lines += ["", f"Final metrics (step {last.get('step', '?')}):", "",
+                  "| " + " | ".join(k for k, _ in shown) + " |", "|" + "---|" * len(shown),
+                  "| " + " | ".join(f"{v:.4g}" for _, v in shown) + " |"]
+    return "\n".join(lines) + "\n"

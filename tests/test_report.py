@@ -101,6 +101,26 @@ def test_report_markdown_labels_proxies_and_draws_a_chart(tmp_path):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
 
 
+def test_the_chart_draws_each_dimension_as_its_change_against_base(tmp_path, monkeypatch):
+    import matplotlib.figure
+
+    figures = []
+    real_savefig = matplotlib.figure.Figure.savefig
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig",
+                        lambda fig, *a, **k: (figures.append(fig), real_savefig(fig, *a, **k)))
+    means = {BASE: {d: 0.5 for d in DIMENSIONS},
+             "regdpo": {d: 0.5 + 1e-4 * (i + 1) for i, d in enumerate(DIMENSIONS)},
+             "dpo": {d: 0.5 - 2e-4 for d in DIMENSIONS}}
+    bar_chart({"tables": [build_table(means, "proxy", DIMENSIONS)]}, tmp_path / "chart.png")
+    [fig] = figures
+    ax = fig.axes[0]  # the dimensions; fig.axes[1] is the Total_Score
+    heights = [round(bar.get_height(), 8) for bar in ax.patches]
+    assert heights == [round(1e-4 * (i + 1), 8) for i in range(len(DIMENSIONS))] + \
+        [-2e-4] * len(DIMENSIONS)  # one bar per dimension per method but Base, its delta
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["regdpo", "dpo"]
+    assert "+0.00010" in [t.get_text() for t in ax.texts]
+
+
 def test_render_report_lists_stages_and_the_evaluation(tmp_path):
     store = Store(f"file://{tmp_path}")
     means = {BASE: {d: 0.5 for d in DIMENSIONS}, "regdpo": {d: 0.4 for d in DIMENSIONS}}
