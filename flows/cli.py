@@ -55,6 +55,9 @@ def run(
     only: Optional[str] = typer.Option(None, help="comma-separated stages to run, e.g. filter,normalize"),
     set_: list[str] = typer.Option([], "--set", help="override a config value: key.path=value"),
     nproc: int = typer.Option(1, min=1, help="processes (GPUs) for the train stage; > 1 launches torchrun"),
+    nnodes: int = typer.Option(1, min=1, help="machines in a multi-node train stage (with --only train)"),
+    node_rank: int = typer.Option(0, min=0, help="this machine's index 0..nnodes-1; node 0 commits"),
+    rdzv: Optional[str] = typer.Option(None, help="HOST:PORT of the c10d rendezvous, the same on every node"),
 ) -> None:
     """Run the pipeline (or --only some stages) for a run."""
     from infra import shutdown
@@ -72,12 +75,19 @@ def run(
 
     stages = [s.strip() for s in only.split(",") if s.strip()] if only else None
     try:  # before Prefect starts: a bad stage name or a missing model costs no flow run
+        if nnodes > 1 and stages != ["train"]:
+            raise ValueError("--nnodes > 1 trains across machines: give --only train (run the "
+                             "data stages first, once) and the same --rdzv on every node")
+        from flows.train import check_nodes
+
+        check_nodes(nnodes, node_rank, rdzv)
         check_stages(ORDER, cfg, stages)
         preflight(cfg, selected(ORDER, cfg, stages))
     except (PreflightError, ValueError) as e:
         _fail(f"run {cfg.name!r}: {e}")
     try:
-        results = pipeline(run=cfg.name, config=cfg, only=stages, nproc=nproc)
+        results = pipeline(run=cfg.name, config=cfg, only=stages, nproc=nproc, nnodes=nnodes,
+                           node_rank=node_rank, rdzv=rdzv)
     except (LookupError, ValueError) as e:
         _fail(f"run {cfg.name!r} failed: {e}")
     except shutdown.ShutdownRequested as e:

@@ -47,7 +47,7 @@ def selected(stages: tuple[str, ...], config: RunConfig, only: list[str] | None)
 
 
 def _run_stages(stages: tuple[str, ...], run: str, config: RunConfig, only: list[str] | None,
-                nproc: int = 1) -> dict:
+                launch: dict | None = None) -> dict:
     check_stages(stages, config, only)
     preflight(config, selected(stages, config, only))
     # The store is wherever run.json is: recording its URL would pin a copied store to the old one.
@@ -60,7 +60,7 @@ def _run_stages(stages: tuple[str, ...], run: str, config: RunConfig, only: list
         if section is None:
             log.info("%s: skipped (the run config has no `%s` section)", name, name)
             continue
-        extra = {"nproc": nproc} if name == "train" else {}
+        extra = (launch or {}) if name == "train" else {}
         results[name] = FLOWS[name](run=run, config=section, store=config.store, **extra)
         log.info("%s (reads %s): %s", name, ", ".join(STAGES[name].reads) or "sources",
                  results[name]["counts"])
@@ -75,6 +75,12 @@ def curate(run: str = "toy", config: RunConfig = RunConfig(), only: list[str] | 
 
 @flow(name="pipeline", flow_run_name="pipeline/{run}", log_prints=True)
 def pipeline(run: str = "toy", config: RunConfig = RunConfig(), only: list[str] | None = None,
-             nproc: int = 1) -> dict:
-    """Every stage in order (or only those named) for `run`; `nproc` processes train."""
-    return _run_stages(ORDER, run, config, only, nproc)
+             nproc: int = 1, nnodes: int = 1, node_rank: int = 0, rdzv: str | None = None) -> dict:
+    """Every stage in order (or only those named) for `run`; `nproc` processes train on each
+    of `nnodes` machines (flows.train: `node_rank`, the c10d rendezvous `rdzv`)."""
+    if nnodes > 1 and only != ["train"]:
+        raise ValueError("multi-node runs the train stage alone: give only=['train'] (the data "
+                         "stages run once, on one machine or a cluster runner)")
+    launch = {"nproc": nproc} | ({"nnodes": nnodes, "node_rank": node_rank, "rdzv": rdzv}
+                                 if nnodes > 1 else {})
+    return _run_stages(ORDER, run, config, only, launch)

@@ -5,7 +5,10 @@ The output dir is the stage key (config, input pairs digest, code), so a re-run 
 inputs reuses the committed adapter, and a killed run started again resumes from its last
 checkpoint (tasks.train). With `nproc > 1` the loop runs as `torchrun --nproc-per-node N -m
 tasks.train` in a child process on this machine (one process per GPU, or N CPU processes on
-gloo), laid out by train.parallel; its output streams into the flow's log.
+gloo), laid out by train.parallel; its output streams into the flow's log. With `nnodes > 1`
+the same flow runs once on every machine (`node_rank` 0..N-1), each launching torchrun with a
+c10d rendezvous at `rdzv` (HOST:PORT, the same on every node); node 0 plots, publishes and
+commits the stage, the other nodes return once their processes are done.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import sys
 import tempfile
 from collections import deque
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -63,17 +67,17 @@ def _run_precompute(st: Store, run: str) -> str | None:
 
 @task(name="train-loop", cache_policy=NO_CACHE)
 def train_adapter(cfg: TrainConfig, store_url: str, out: str, nproc: int = 1,
-                  run_name: str = "train") -> dict:
-    """Train (or resume) into `out`, in this process or `nproc` torchrun ones; counts and keys.
-    The trainer's progress line (every train.log_every steps) and its warnings reach this
-    task's log, and a progress artifact follows the steps."""
+                  run_name: str = "train", rendezvous: Rendezvous | None = None) -> dict:
+    """Train (or resume) into `out`, in this process or `nproc` torchrun ones (on each of the
+    rendezvous' nodes); counts and keys. The trainer's progress line (every train.log_every
+    steps) and its warnings reach this task's log, and a progress artifact follows the steps."""
     watch = TrainingProgress(run_name, cfg.steps)
-    if nproc == 1:
+    if nproc == 1 and rendezvous is None:
         from tasks.train import train as train_loop
 
         with forward_logs("regdpo", get_run_logger()):
             return train_loop(cfg, Store(store_url), out, run_name, watch.update)
-    return torchrun(cfg, store_url, out, nproc, run_name, watch.update)
+    return torchrun(cfg, store_url, out, nproc, run_name, watch.update, rendezvous)
 
 
 class TrainingProgress:
@@ -123,12 +127,46 @@ def forward_logs(name: str, target: logging.LoggerAdapter | logging.Logger):
         source.propagate = propagate
 
 
+def check_nodes(nnodes: int, node_rank: int, rdzv: str | None) -> None:
+    """A multi-node launch's own arguments, or a ValueError that names the fix."""
+    if nnodes < 1:
+        raise ValueError(f"nnodes must be >= 1 (machines in the training job), got {nnodes}")
+    if not 0 <= node_rank < nnodes:
+        raise ValueError(f"node_rank {node_rank} is not in 0..{nnodes - 1} (nnodes {nnodes})")
+    if nnodes == 1:
+        if rdzv or node_rank:
+            raise ValueError("rdzv/node_rank are for multi-node training: give nnodes > 1 too")
+        return
+    host, sep, port = (rdzv or "").rpartition(":")
+    if not (sep and host and port.isdigit() and 0 < int(port) < 65536):
+        raise ValueError(f"rdzv {rdzv!r}: give HOST:PORT of the rendezvous, the same on every "
+                         "node (a host all nodes reach, e.g. node 0's address, and a free port)")
+
+
+@dataclass(frozen=True)
+class Rendezvous:
+    """A multi-node launch: `nnodes` machines meet at `endpoint` (HOST:PORT, c10d); `id` is the
+    same on every node (the run and stage key) so two jobs on one endpoint never mix."""
+
+    nnodes: int
+    endpoint: str
+    id: str
+
+    def args(self) -> list[str]:
+        # c10d assigns ranks itself (torchrun ignores --node-rank with it): node_rank only
+        # decides which flow run commits the stage.
+        return ["--nnodes", str(self.nnodes), "--rdzv-backend", "c10d",
+                "--rdzv-endpoint", self.endpoint, "--rdzv-id", self.id]
+
+
 def torchrun(cfg: TrainConfig, store_url: str, out: str, nproc: int, run_name: str = "train",
-             on_progress: Callable[[dict], None] | None = None) -> dict:
-    """`torchrun --standalone --nproc-per-node N -m tasks.train` (an argument list, no shell),
-    every output line logged as it comes (WARNING lines as warnings); rank 0's progress lines
-    go to `on_progress`, its result line is returned, or a RuntimeError quotes the tail of the
-    output."""
+             on_progress: Callable[[dict], None] | None = None,
+             rendezvous: Rendezvous | None = None) -> dict:
+    """`torchrun --standalone --nproc-per-node N -m tasks.train` (an argument list, no shell;
+    with a rendezvous, `--nnodes M --rdzv-backend c10d ...` instead of `--standalone`), every
+    output line logged as it comes (WARNING lines as warnings); rank 0's progress lines go to
+    `on_progress`, this node's result line is returned, or a RuntimeError quotes the tail of
+    the output."""
     from tasks.train import PROGRESS_PREFIX, RESULT_PREFIX
 
     logger = get_run_logger()
@@ -139,10 +177,12 @@ def torchrun(cfg: TrainConfig, store_url: str, out: str, nproc: int, run_name: s
     with tempfile.TemporaryDirectory(prefix="regdpo-torchrun-") as tmp:
         config = Path(tmp) / "train.json"
         config.write_text(cfg.model_dump_json())
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+        launch = rendezvous.args() if rendezvous else ["--standalone"]
+        cmd = [sys.executable, "-m", "torch.distributed.run", *launch,
                "--nproc-per-node", str(nproc), "-m", "tasks.train", str(config),
                "--store", store_url, "--out", out, "--run-name", run_name]
-        logger.info("launching %d training processes: %s", nproc, " ".join(cmd))
+        logger.info("launching %d training processes%s: %s", nproc, f" on each of "
+                    f"{rendezvous.nnodes} nodes" if rendezvous else "", " ".join(cmd))
         with subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True, errors="replace") as proc:
             for line in proc.stdout:
@@ -160,7 +200,8 @@ def torchrun(cfg: TrainConfig, store_url: str, out: str, nproc: int, run_name: s
             code = proc.wait()
     if code != 0 or result is None:
         raise RuntimeError(
-            f"training with {nproc} processes (torchrun) failed with exit code {code}"
+            f"training with {nproc} processes (torchrun{' ' + ' '.join(rendezvous.args()) if rendezvous else ''}) "
+            f"failed with exit code {code}"
             + ("" if code else " and no result line") + f"; the last {len(tail)} lines of its "
             "output:\n" + "\n".join(tail))
     return result
@@ -214,7 +255,8 @@ def publish(run: str, st: Store, outputs: dict, rows: list[dict]) -> None:
 @flow(name="train", flow_run_name="train/{run}", log_prints=True)
 def train(run: str = "toy", config: TrainConfig | dict | None = None,
           store: str = "file://./artifacts",
-          overrides: list[str] | None = None, pairs: str | None = None, nproc: int = 1) -> dict:
+          overrides: list[str] | None = None, pairs: str | None = None, nproc: int = 1,
+          nnodes: int = 1, node_rank: int = 0, rdzv: str | None = None) -> dict:
     """LoRA post-training (Reg-DPO, DPO, SFT, region, KTO) on a committed pairs dataset;
     `nproc` processes on this machine (torchrun), laid out by the config's `parallel` section.
 
@@ -229,14 +271,20 @@ def train(run: str = "toy", config: TrainConfig | dict | None = None,
             validated before any work.
         pairs: a pairs dataset (store key or URI) instead of the run's precompute output.
         nproc: processes (GPUs) on this machine; > 1 launches torchrun.
+        nnodes: machines in the training job; > 1 runs this flow once on each of them, with
+            the same run, config and store (a shared one: s3:// or a shared file path).
+        node_rank: this machine's index, 0..nnodes-1; node 0 commits the stage.
+        rdzv: HOST:PORT of the c10d rendezvous when nnodes > 1, the same on every node
+            (e.g. node 0's address and a free port).
     """
     from tasks.train import check_launch, config_digest
 
     if nproc < 1:
         raise ValueError(f"nproc must be >= 1 (processes on this machine), got {nproc}")
+    check_nodes(nnodes, node_rank, rdzv)
     s = StageRun(STAGE, run, config, store, overrides)
     st = s.store
-    check_launch(s.cfg, nproc)  # a layout that cannot fit fails before any work
+    check_launch(s.cfg, nproc * nnodes)  # a layout that cannot fit fails before any work
     data = pairs_dir(st, run, s.cfg, pairs)
     cfg = s.cfg = s.cfg.model_copy(update={"data": data})
     data_success = st.read_success(data)  # raises, naming the dir, if the pairs never committed
@@ -247,7 +295,11 @@ def train(run: str = "toy", config: TrainConfig | dict | None = None,
     if entry := s.reuse(settings, [output_digest(data_success)]):
         row = st.read_manifest(s.out)[0].to_pylist()[0]
         return entry | {k: row[k] for k in ("adapter", "metrics", "tensorboard", "fig2")}
-    outputs = train_adapter(cfg, st.url, s.out, nproc, f"{run}-{cfg.loss.kind}")
+    rendezvous = Rendezvous(nnodes, rdzv, f"{run}-{s.key}") if nnodes > 1 else None
+    outputs = train_adapter(cfg, st.url, s.out, nproc, f"{run}-{cfg.loss.kind}", rendezvous)
+    if node_rank:  # node 0 plots, publishes and commits; this node's processes are done
+        return {"counts": {}, "manifest": "", "node_rank": node_rank, "steps": outputs["steps"],
+                **{k: outputs[k] for k in ("adapter", "metrics", "tensorboard")}}
     title = f"run {run}: {cfg.loss.kind}, β={cfg.loss.beta}, r={cfg.loss.r}"
     outputs["fig2"] = plot_fig2(st.url, outputs["metrics"], f"{s.out}/fig2.png", title)
     rows = [json.loads(line) for line in st.read_bytes(outputs["metrics"]).decode()

@@ -34,6 +34,7 @@ import hashlib
 import json
 import logging
 import math
+import os
 import random
 import resource
 import shutil
@@ -49,7 +50,7 @@ import torch
 from diffusers import WanTransformer3DModel
 from torch import Tensor
 
-from infra.checkpoint import Checkpointer, save_final_adapter
+from infra.checkpoint import ADAPTER_FILE, Checkpointer, save_final_adapter
 from infra.config import OptimizerConfig, TrainConfig, yaml_load
 from infra.config.train import RUN_CONTROL
 from infra.distributed import Layout, check_grid, shutdown
@@ -442,8 +443,10 @@ class Trainer:
             if self.step % every == 0 or self.step == cfg.steps:
                 self.save_checkpoint()
         progress.close()
-        adapter = self.layout.main_only(lambda: save_final_adapter(
+        self.layout.main_only(lambda: save_final_adapter(
             self.store, self.transformer, f"{self.out}/adapter"))
+        # Every rank's answer (rank 0 wrote it): the launch reports from each node's first process.
+        adapter = f"{self.out}/adapter/{ADAPTER_FILE}"
         self.log.close()
         self.layout.barrier()  # all written before any rank returns (and, say, resumes)
         return {"steps": self.step, "skipped": self.skipped, "adapter": adapter,
@@ -509,7 +512,9 @@ def main(argv: list[str] | None = None) -> None:
         trainer = Trainer(cfg, Store(args.store), args.out, run_name=args.run_name,
                           on_progress=lambda p: print(PROGRESS_PREFIX + json.dumps(p), flush=True))
         result = trainer.train()
-        if trainer.layout.is_main:  # the launch's one answer
+        # The launch's answer, from each node's first process (after the final barrier, so the
+        # adapter is in the store): rank 0 may be on any node of a c10d rendezvous.
+        if os.environ.get("LOCAL_RANK", "0") == "0":
             print(RESULT_PREFIX + json.dumps(result), flush=True)
     finally:
         shutdown()

@@ -124,6 +124,57 @@ def test_train_flow_with_two_processes_matches_one(prefect_api, tiny_t2v, tmp_pa
         assert torch.allclose(got[k], want[k], rtol=1e-4, atol=1e-6), k
 
 
+@pytest.mark.slow
+def test_two_nodes_on_localhost_match_one_process(prefect_api, tiny_t2v, tmp_path):
+    """nnodes=2: one train flow per "node" (two threads, one process each, gloo), meeting at a
+    c10d rendezvous; node 0 commits the stage, node 1 only trains; the adapter equals one
+    process's with the same global batch."""
+    import socket
+    from concurrent.futures import ThreadPoolExecutor
+
+    from flows.train import train
+    from tasks.train import train as train_loop
+
+    st = Store(str(tmp_path / "store"))
+    uri = write_random_pairs(st, "data/pairs", transformer_config(WanSpec("t2v", tiny_t2v)), 4)
+    config = _config(tiny_t2v, batch_size=2, parallel=dict(pair_parallel=True))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with ThreadPoolExecutor(2) as pool:
+        nodes = [pool.submit(train, run="t", config=config, store=st.url, pairs=uri, nproc=1,
+                             nnodes=2, node_rank=rank, rdzv=f"127.0.0.1:{port}")
+                 for rank in (0, 1)]
+        first, second = (f.result(timeout=600) for f in nodes)
+
+    assert first["counts"]["ok"] == 1 and second["node_rank"] == 1 and not second["manifest"]
+    assert st.read_run("t")["stages"]["train"]["counts"]["ok"] == 1
+    assert second["adapter"] == st.key_of(first["adapter"])  # one adapter, every node's answer
+    lines = st.read_bytes(st.key_of(first["metrics"])).decode().splitlines()
+    assert [json.loads(line)["step"] for line in lines] == [1, 2, 3]  # one writer
+    one = train_loop(TrainConfig.model_validate(config | {"data": "data/pairs", "parallel": {}}),
+                     st, "one")
+    got = load_file(st.path(st.key_of(first["adapter"])))
+    want = load_file(st.path(st.key_of(one["adapter"])))
+    assert got.keys() == want.keys()
+    for k in want:
+        assert torch.allclose(got[k], want[k], rtol=1e-4, atol=1e-6), k
+
+
+@pytest.mark.parametrize("nnodes, node_rank, rdzv, match", [
+    (2, 0, None, "HOST:PORT"), (2, 0, "node0", "HOST:PORT"), (2, 0, "node0:99999", "HOST:PORT"),
+    (2, 2, "node0:29400", r"not in 0\.\.1"), (1, 0, "node0:29400", "nnodes > 1"),
+    (0, 0, None, ">= 1")])
+def test_a_bad_multi_node_launch_names_the_fix(prefect_api, tiny_t2v, tmp_path, nnodes,
+                                               node_rank, rdzv, match):
+    from flows.train import train
+
+    with pytest.raises(ValueError, match=match):
+        train(run="t", config=_config(tiny_t2v), store=str(tmp_path / "store"), nnodes=nnodes,
+              node_rank=node_rank, rdzv=rdzv)
+    assert not (tmp_path / "store" / "runs").exists()  # refused before any work
+
+
 def test_a_layout_that_does_not_fit_nproc_fails_before_any_work(prefect_api, tiny_t2v, tmp_path):
     from flows.train import train
 
