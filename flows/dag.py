@@ -42,10 +42,14 @@ class Stage:
 STAGES: dict[str, Stage] = {s.name: s for s in (
     Stage("acquire", reads=(), code=("tasks.acquire:acquire_one", "tasks.acquire:dedupe"),
           item="tasks.acquire:acquire_item"),
+    # Filter's decode of a new clip may also make normalize's GT clip (the fused pass): both
+    # stages' outputs depend on that code.
     Stage("filter", reads=("acquire",), code=("tasks.filter:analyze", "tasks.filter:decide",
-                                               "tasks.filter:explain"),
+                                               "tasks.filter:explain",
+                                               "infra.gtspec:analyze_and_normalize"),
           item="tasks.filter:score_item"),
-    Stage("normalize", reads=("filter",), code=("tasks.normalize:normalize_one",),
+    Stage("normalize", reads=("filter",), code=("tasks.normalize:normalize_one",
+                                                "infra.gtspec:analyze_and_normalize"),
           item="tasks.normalize:normalize_item"),
     Stage("negatives", reads=("normalize",), code=("tasks.negatives:make_negatives",),
           item="tasks.negatives:negatives_item"),

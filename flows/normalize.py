@@ -11,6 +11,9 @@ from infra.config import NormalizeConfig
 STAGE = STAGES["normalize"]
 
 
+IDENTITY = ("sha256", "caption")  # of a clip: its content and its caption
+
+
 def _captioner(cfg: NormalizeConfig) -> dict:
     """The captioning weights, when a clip may need them: in the key, like every model's."""
     if not cfg.caption.model:
@@ -18,6 +21,19 @@ def _captioner(cfg: NormalizeConfig) -> dict:
     from models.captioner import weight_identity
 
     return {"captioner": weight_identity(cfg.caption.model)}
+
+
+def settings_of(cfg: NormalizeConfig) -> dict:
+    """What shapes a GT clip (the item and stage keys): the section minus workers, plus the
+    captioner's weights."""
+    return cfg.model_dump(exclude={"workers"}) | _captioner(cfg)
+
+
+def prepare_request(cfg: NormalizeConfig) -> dict:
+    """For the filter flow, when this stage runs next (flows/pipeline.py): how to name this
+    stage's item for a clip, so that filter's decode of the clip also encodes it there."""
+    return {"config": cfg.model_dump(), "settings": settings_of(cfg), "code": STAGE.code_version,
+            "identity": list(IDENTITY)}
 
 
 @flow(name="normalize", flow_run_name="normalize/{run}", log_prints=True)
@@ -37,11 +53,11 @@ def normalize(run: str = "toy", config: NormalizeConfig | None = None, store: st
     """
     s = StageRun(STAGE, run, config, store, overrides)
     accepted = s.rows("filter")
-    settings = s.cfg.model_dump(exclude={"workers"}) | _captioner(s.cfg)
+    settings = settings_of(s.cfg)
     if entry := s.reuse(settings):
         return entry
     config_dump = s.cfg.model_dump()
-    work = [s.work({"sha256": r["sha256"], "caption": r["caption"]}, settings, r["id"],
+    work = [s.work({k: r[k] for k in IDENTITY}, settings, r["id"],
                    {"id": r["id"], "source": r["source"], "config": config_dump,
                     "row": {k: r[k] for k in ("id", "source", "caption", "video")}})
             for r in accepted]

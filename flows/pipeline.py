@@ -17,7 +17,7 @@ from flows.dag import CURATE, OPTIONAL, ORDER, STAGES
 from flows.evaluate import evaluate
 from flows.filter import filter_videos
 from flows.negatives import negatives
-from flows.normalize import normalize
+from flows.normalize import normalize, prepare_request
 from flows.pairs import pairs
 from flows.preflight import preflight
 from flows.precompute import precompute
@@ -61,6 +61,9 @@ def _run_stages(stages: tuple[str, ...], run: str, config: RunConfig, only: list
             log.info("%s: skipped (the run config has no `%s` section)", name, name)
             continue
         extra = (launch or {}) if name == "train" else {}
+        if name == "filter" and "normalize" in selected(stages, config, only):
+            # One decode per new clip for both stages (an execution detail: same outputs).
+            extra = {"prepare": prepare_request(config.normalize)}
         results[name] = FLOWS[name](run=run, config=section, store=config.store, **extra)
         log.info("%s (reads %s): %s", name, ", ".join(STAGES[name].reads) or "sources",
                  results[name]["counts"])

@@ -1,18 +1,28 @@
 """The GT spec and the way back to it: normalize_file makes a GT clip (normalize) and proves it;
-renormalize brings generated frames (negatives, evaluate) to a GT clip's exact spec through the
-same code. Sizes in a bucket (generation, encoding) come from one function, size_in_bucket."""
+analyze_and_normalize makes the same bytes from the decode that feeds the filter's analysis (the
+fused curation pass), left for normalize's item as a prepared clip; renormalize brings generated
+frames (negatives, evaluate) to a GT clip's exact spec through the same code. Sizes in a bucket
+(generation, encoding) come from one function, size_in_bucket."""
 
 from __future__ import annotations
 
 import math
 import os
 import tempfile
+from collections.abc import Callable, Iterator
 from fractions import Fraction
+from typing import TypeVar
 
+import ffmpeg
 import numpy as np
 
 from infra.config import NormalizeConfig
-from infra.video import VideoInfo, bucket_geometry, normalize_args, probe, run_ffmpeg, write_video
+from infra.store import Store
+from infra.video import (FFMPEG, Geometry, VideoInfo, analysis_output, bucket_geometry,
+                         file_url, gt_outputs, normalize_args, probe, run_ffmpeg, stream_decode,
+                         stream_ffmpeg, write_video)
+
+T = TypeVar("T")
 
 
 class NormalizeReject(ValueError):
@@ -21,13 +31,24 @@ class NormalizeReject(ValueError):
 
 def normalize_file(src: str, info: VideoInfo, cfg: NormalizeConfig, out_video: str, out_ref: str) -> dict:
     """Encode `src` to the GT spec at `out_video` (+ frame-0 PNG) and prove it by probing."""
-    # Frames available after resampling to cfg.fps: reject before spending an encode.
+    geo = gt_geometry(info, cfg)
+    run_ffmpeg(normalize_args(src, out_video, out_ref, geo, cfg.fps, cfg.frames, cfg.crf, cfg.preset))
+    return prove(out_video, geo, cfg)
+
+
+def gt_geometry(info: VideoInfo, cfg: NormalizeConfig) -> Geometry:
+    """The GT crop and size of a source, or NormalizeReject when it is too short to resample
+    to `cfg.frames` at `cfg.fps` (known from the probe: no encode is spent on it)."""
     available = math.floor(info.duration * cfg.fps + 1e-6)
     if available < cfg.frames:
         raise NormalizeReject(f"too short: {info.duration:.2f} s gives {available} frames at "
                               f"{cfg.fps:g} fps, need {cfg.frames}")
-    geo = bucket_geometry(info.display_width, info.display_height, cfg.buckets, cfg.short_edge)
-    run_ffmpeg(normalize_args(src, out_video, out_ref, geo, cfg.fps, cfg.frames, cfg.crf, cfg.preset))
+    return bucket_geometry(info.display_width, info.display_height, cfg.buckets, cfg.short_edge)
+
+
+def prove(out_video: str, geo: Geometry, cfg: NormalizeConfig) -> dict:
+    """The encoded clip's spec, checked against the GT spec: frames by packet count (ffprobe
+    reads the container, no decode), size, pixel format, rate, no rotation."""
     out = probe(out_video, count_frames=True)
     if out.nb_frames != cfg.frames:
         raise NormalizeReject(f"too short: only {out.nb_frames} frames at {cfg.fps:g} fps, need {cfg.frames}")
@@ -38,6 +59,58 @@ def normalize_file(src: str, info: VideoInfo, cfg: NormalizeConfig, out_video: s
     return {"bucket": geo.bucket, "width": out.width, "height": out.height, "fps": out.fps,
             "frames": out.nb_frames, "pix_fmt": out.pix_fmt,
             "crop": f"{geo.crop_w}x{geo.crop_h}+{geo.crop_x}+{geo.crop_y}"}
+
+
+def analyze_and_normalize(src: str, info: VideoInfo, short_edge: int, cfg: NormalizeConfig,
+                          out_video: str, out_ref: str, analyze: Callable[[Iterator[np.ndarray]], T],
+                          timeout: float = 600.0) -> tuple[T, dict | NormalizeReject]:
+    """One decode of `src` feeding both the filter's analysis (`analyze` consumes stream_decode's
+    frames: every frame at `short_edge`, uint8 RGB, as they are decoded) and the GT encode
+    (normalize_file's bytes), through one ffmpeg process with a split graph. Returns (what
+    `analyze` returned, the proven GT spec), or the NormalizeReject instead of the spec when
+    the clip cannot meet it; ffmpeg errors raise."""
+    try:
+        geo = gt_geometry(info, cfg)
+    except NormalizeReject as e:
+        return analyze(stream_decode(src, info, short_edge, timeout)), e
+    decoded = ffmpeg.input(file_url(src)).video.split()
+    frames, w, h = analysis_output(decoded[0], info, short_edge)
+    encode = gt_outputs(decoded[1], out_video, out_ref, geo, cfg.fps, cfg.frames, cfg.crf,
+                        cfg.preset)
+    args = (ffmpeg.merge_outputs(frames, *encode)
+            .global_args("-v", "error", "-nostdin", "-y")
+            .compile(cmd=FFMPEG))
+    result = analyze(stream_ffmpeg(args, w, h, timeout))
+    try:
+        return result, prove(out_video, geo, cfg)
+    except NormalizeReject as e:
+        return result, e
+
+
+# -- a GT clip made ahead of its normalize item (by the fused curation pass) ----------------
+PREPARED = "prepared.json"
+
+
+def put_prepared(store: Store, item_dir: str, video: str, ref: str, spec: dict) -> None:
+    """Leave a GT clip and its spec in a normalize item's dir, for that item to commit without
+    decoding again. The spec file goes last: until it exists, nothing here is used."""
+    files = {name: store.put_file(local, f"{item_dir}/{name}")
+             for name, local in (("gt.mp4", video), ("ref.png", ref))}
+    receipts = store.take_receipts(lambda k: k in files.values())
+    store.write_json(f"{item_dir}/{PREPARED}", {"spec": spec, "artifacts": receipts})
+
+
+def find_prepared(store: Store, item_dir: str) -> dict | None:
+    """{"spec", "artifacts"} of a GT clip prepared in `item_dir` (artifacts: the receipts of
+    its files), or None when there is none or a file no longer matches its receipt."""
+    key = f"{item_dir}/{PREPARED}"
+    if not store.exists(key):
+        return None
+    prepared = store.read_json(key)
+    sizes = store.sizes(item_dir)
+    if any(sizes.get(a["key"]) != a["size"] for a in prepared["artifacts"]):
+        return None  # torn or replaced: the item encodes again
+    return prepared
 
 
 def renormalize(frames: np.ndarray, clip: dict, gt: NormalizeConfig, out_video: str) -> dict:

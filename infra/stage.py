@@ -53,7 +53,7 @@ def item_dir(stage: str, ikey: str) -> str:
     return join_key("items", stage, ikey)
 
 
-def _row_key(stage: str, ikey: str) -> str:
+def row_key(stage: str, ikey: str) -> str:
     return f"{item_dir(stage, ikey)}/row.json"
 
 
@@ -73,7 +73,7 @@ def load_row(store: Store, stage: str, ikey: str) -> dict | None:
     """The committed row of an item, or None when it has none or it cannot be trusted (row.json
     unreadable, an artifact missing or of another size): then the item is recomputed."""
     try:
-        row = json.loads(store.read_bytes(_row_key(stage, ikey)))
+        row = json.loads(store.read_bytes(row_key(stage, ikey)))
     except FileNotFoundError:
         return None
     except (ValueError, UnicodeDecodeError):
@@ -94,7 +94,7 @@ def save_row(store: Store, stage: str, ikey: str, row: dict) -> dict:
     artifacts = store.take_receipts(lambda k: k.startswith(here) or k in named)
     row = {**row, "item_key": ikey, "artifacts": artifacts,
            "computed_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-    store.write_json(_row_key(stage, ikey), row)
+    store.write_json(row_key(stage, ikey), row)
     return row
 
 
@@ -111,7 +111,7 @@ def bad_rows(store: Store, stage: str, rows: Iterable[dict]) -> list[dict]:
         sizes |= store.sizes(prefix)
     bad = []
     for r in rows:
-        row_file = _row_key(stage, r["item_key"]) if r.get("item_key") else None
+        row_file = row_key(stage, r["item_key"]) if r.get("item_key") else None
         if row_file and sizes.get(row_file) != r.get("row_size"):
             bad.append(r)
         elif artifact_problems(r, sizes):
@@ -122,7 +122,7 @@ def bad_rows(store: Store, stage: str, rows: Iterable[dict]) -> list[dict]:
 def row_sizes(store: Store, stage: str, rows: list[dict]) -> list[dict]:
     """The rows with the size of their committed row.json (what reuse checks against)."""
     sizes = store.sizes(f"items/{stage}")
-    return [r | {"row_size": sizes.get(_row_key(stage, r["item_key"]))} if r.get("item_key")
+    return [r | {"row_size": sizes.get(row_key(stage, r["item_key"]))} if r.get("item_key")
             else r for r in rows]
 
 

@@ -9,7 +9,11 @@ from __future__ import annotations
 import json
 import math
 import os
+import queue
 import subprocess
+import tempfile
+import threading
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from fractions import Fraction
 from typing import TYPE_CHECKING
@@ -197,20 +201,72 @@ def scaled_size(width: int, height: int, short_edge: int) -> tuple[int, int]:
 def decode_frames(path: str, info: VideoInfo, short_edge: int, timeout: float = 600.0) -> np.ndarray:
     """Decode the video once (rotation applied), every frame downscaled to `short_edge`:
     uint8 RGB [N, H, W, 3]."""
+    out, w, h = analysis_output(ffmpeg.input(file_url(path)).video, info, short_edge)
+    args = out.global_args("-v", "error", "-nostdin").compile(cmd=FFMPEG)
+    return frames_of(run_ffmpeg(args, timeout=timeout).stdout, w, h)
+
+
+def stream_decode(path: str, info: VideoInfo, short_edge: int,
+                  timeout: float = 600.0) -> Iterator[np.ndarray]:
+    """decode_frames' frames one by one as ffmpeg decodes them (the consumer's work overlaps
+    the decode)."""
+    out, w, h = analysis_output(ffmpeg.input(file_url(path)).video, info, short_edge)
+    yield from stream_ffmpeg(out.global_args("-v", "error", "-nostdin").compile(cmd=FFMPEG),
+                             w, h, timeout)
+
+
+def stream_ffmpeg(args: list[str], w: int, h: int, timeout: float = 600.0) -> Iterator[np.ndarray]:
+    """Run a compiled ffmpeg argument list whose stdout is rgb24 frames of w x h, yielding each
+    frame (uint8 [h, w, 3]) as it arrives. A reader thread drains the pipe, so ffmpeg never
+    waits for the consumer; a trailing partial frame is dropped (as decode_frames does). Once
+    the frames are out, raises FFmpegError with stderr's tail if ffmpeg failed or ran past
+    `timeout`; a consumer that stops early stops ffmpeg."""
+    size, chunks = w * h * 3, queue.SimpleQueue()
+    with tempfile.TemporaryFile() as err, subprocess.Popen(
+            args, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=err) as proc:
+        fired = threading.Event()
+
+        def kill() -> None:
+            fired.set()
+            proc.kill()
+
+        watchdog = threading.Timer(timeout, kill)
+
+        def drain() -> None:
+            try:
+                while len(chunk := proc.stdout.read(size)) == size:
+                    chunks.put(chunk)
+            finally:
+                chunks.put(None)
+
+        watchdog.start()
+        threading.Thread(target=drain, name="ffmpeg-frames", daemon=True).start()
+        try:
+            while (chunk := chunks.get()) is not None:
+                yield np.frombuffer(chunk, np.uint8).reshape(h, w, 3)
+            code = proc.wait()
+        finally:
+            watchdog.cancel()
+            if proc.poll() is None:
+                proc.kill()
+        if fired.is_set():
+            raise FFmpegError(f"ffmpeg timed out after {timeout:.0f}s")
+        if code != 0:
+            err.seek(0)
+            raise FFmpegError(f"ffmpeg failed: {_last_line(err.read()) or code}")
+
+
+def analysis_output(stream, info: VideoInfo, short_edge: int):
+    """(the output node, w, h): every decoded frame, downscaled to `short_edge`, as rgb24 on
+    stdout. One builder for decode_frames and the fused curation pass (infra.gtspec), so both
+    give the same frames: the decoder runs at full quality (the GT encode may share it)."""
     w, h = scaled_size(info.display_width, info.display_height, short_edge)
-    # Analysis frames are downscaled anyway: skipping the in-loop deblocking filter makes
-    # H.264/HEVC decoding cheaper at no visible cost after the downscale.
-    args = (
-        ffmpeg.input(file_url(path), skip_loop_filter="all")
-        .video.filter("scale", w, h, flags="bilinear")
-        .output("pipe:", format="rawvideo", pix_fmt="rgb24", fps_mode="passthrough")
-        .global_args("-v", "error", "-nostdin")
-        .compile(cmd=FFMPEG)
-    )
-    return _frames(run_ffmpeg(args, timeout=timeout).stdout, w, h)
+    out = (stream.filter("scale", w, h, flags="bilinear")
+           .output("pipe:", format="rawvideo", pix_fmt="rgb24", fps_mode="passthrough"))
+    return out, w, h
 
 
-def _frames(buf: bytes, w: int, h: int) -> np.ndarray:
+def frames_of(buf: bytes, w: int, h: int) -> np.ndarray:
     n = len(buf) // (w * h * 3)
     return np.frombuffer(buf[: n * w * h * 3], np.uint8).reshape(n, h, w, 3)
 
@@ -258,14 +314,25 @@ def bucket_geometry(width: int, height: int, buckets: list[str], short_edge: int
 
 def normalize_args(src: str, dst_video: str, dst_ref: str, geo: Geometry, fps: float, frames: int,
                    crf: int, preset: str) -> list[str]:
-    """One ffmpeg pass: fps -> center crop -> scale -> yuv420p H.264 (first `frames`) + frame-0 PNG.
+    """One ffmpeg pass: fps -> center crop -> scale -> yuv420p H.264 (first `frames`) + frame-0 PNG."""
+    outputs = gt_outputs(ffmpeg.input(file_url(src)).video, dst_video, dst_ref, geo, fps, frames,
+                         crf, preset)
+    return (ffmpeg.merge_outputs(*outputs)
+            .global_args("-v", "error", "-nostdin", "-y")
+            .compile(cmd=FFMPEG))
+
+
+def gt_outputs(stream, dst_video: str, dst_ref: str, geo: Geometry, fps: float, frames: int,
+               crf: int, preset: str) -> list:
+    """The GT clip's output nodes from a decoded video stream: fps -> center crop -> scale ->
+    yuv420p H.264 (first `frames`) and the frame-0 PNG. Shared by normalize_args and the fused
+    curation pass, so a clip's bytes do not depend on which pass made it.
 
     ffmpeg's default autorotate applies the display rotation before the filters, so the
     geometry is computed on display size and the output carries no rotation flag.
     """
     v = (
-        ffmpeg.input(file_url(src))
-        .video.filter("fps", fps=fps)
+        stream.filter("fps", fps=fps)
         .filter("crop", geo.crop_w, geo.crop_h, geo.crop_x, geo.crop_y)
         .filter("scale", geo.out_w, geo.out_h, flags="lanczos")
         .filter("setsar", 1)
@@ -278,11 +345,7 @@ def normalize_args(src: str, dst_video: str, dst_ref: str, geo: Geometry, fps: f
         **{"frames:v": frames, "profile:v": "high"},
     )
     ref = v[1].output(file_url(dst_ref), **{"frames:v": 1, "update": 1})
-    return (
-        ffmpeg.merge_outputs(video, ref)
-        .global_args("-v", "error", "-nostdin", "-y")
-        .compile(cmd=FFMPEG)
-    )
+    return [video, ref]
 
 
 def read_frames(path: str, info: VideoInfo, bucket: str, width: int, height: int, fps: float,

@@ -7,16 +7,20 @@ thresholds, so changing a threshold re-decides without decoding anything again.
 
 from __future__ import annotations
 
+import os
+import tempfile
 import threading
+from collections.abc import Iterable
 
 import cv2
 import numpy as np
 from scenedetect import FrameTimecode
 from scenedetect.detectors import ContentDetector
 
-from infra.config import FilterConfig, FilterSignals
+from infra.config import FilterConfig, FilterSignals, NormalizeConfig
+from infra.gtspec import PREPARED, analyze_and_normalize, put_prepared
 from infra.store import Store
-from infra.video import FFmpegError, ProbeError, VideoInfo, decode_frames, probe
+from infra.video import FFmpegError, ProbeError, VideoInfo, probe, stream_decode
 
 # Rejection reasons in priority order: the first that applies becomes the row's `reason`.
 REASONS = ("truncated", "static", "slideshow", "effects", "cuts", "text")
@@ -24,55 +28,85 @@ REASONS = ("truncated", "static", "slideshow", "effects", "cuts", "text")
 
 def analyze(path: str, info: VideoInfo, signals: FilterSignals) -> dict:
     """Decode once (downscaled, rotation applied) and compute every filter score."""
-    frames = decode_frames(path, info, signals.short_edge)
+    return scores_of(stream_decode(path, info, signals.short_edge), info, signals)
+
+
+def scores_of(frames: Iterable[np.ndarray], info: VideoInfo, signals: FilterSignals) -> dict:
+    """Every filter score of the analysis frames (uint8 RGB, as ffmpeg streams them): motion and
+    cuts frame by frame as they arrive, so this work overlaps the decode (and the GT encode of
+    the fused pass); fades, flashes, stills and text once the video has ended."""
     fps = info.fps or 25.0
+    motion, cuts = Motion(fps, signals.motion_fps), Cuts(fps, signals.cut_threshold)
+    kept, gray = [], []
+    for frame in frames:
+        kept.append(frame)
+        gray.append(cv2.cvtColor(frame, cv2.COLOR_RGB2GRAY))
+        motion.add(gray[-1])
+        cuts.add(frame)
     scores: dict = {
-        "decoded_frames": int(len(frames)),
+        "decoded_frames": len(kept),
         "expected_frames": max(1, int(round(info.duration * fps))),
     }
-    if len(frames) < 2:
+    if len(kept) < 2:
         return scores
-    gray = np.stack([cv2.cvtColor(f, cv2.COLOR_RGB2GRAY) for f in frames])
-    tiny = gray[:, ::2, ::2]  # luma statistics need no detail
-    scores |= motion_scores(gray, fps, signals.motion_fps)
-    scores |= cut_scores(frames, fps, signals.cut_threshold)
+    tiny = np.stack(gray)[:, ::2, ::2]  # luma statistics need no detail
+    scores |= motion.scores() | cuts.scores()
     scores |= luma_scores(tiny, fps)
     scores |= still_scores(tiny, signals.still_diff)
-    sampled = frames[np.linspace(0, len(frames) - 1, signals.text_frames).round().astype(int)]
+    sampled = np.stack([kept[i] for i in
+                        np.linspace(0, len(kept) - 1, signals.text_frames).round().astype(int)])
     scores |= text_scores(sampled, signals.text_side, signals.text_min_score)
     return scores
 
 
-def motion_scores(gray: np.ndarray, fps: float, motion_fps: float) -> dict:
-    """VBench's static test: mean of the top-2% optical-flow magnitudes of each frame pair.
+class Motion:
+    """VBench's static test: mean of the top-2% optical-flow magnitudes of each pair of frames
+    1/motion_fps s apart; the median and max over the video.
 
     Farneback flow runs at half the analysis size; magnitudes are reported in pixels of the
     analysis frame (short edge `signals.short_edge`) per 1/motion_fps seconds.
     """
-    step = max(1, int(round(fps / motion_fps)))
-    h, w = gray.shape[1:]
-    small = [cv2.resize(g, (w // 2, h // 2), interpolation=cv2.INTER_AREA) for g in gray[::step]]
-    mags = []
-    for a, b in zip(small, small[1:]):
-        flow = cv2.calcOpticalFlowFarneback(a, b, None, 0.5, 3, 15, 3, 5, 1.2, 0)
-        mag = np.hypot(flow[..., 0], flow[..., 1]).ravel() * 2.0
-        k = max(1, int(0.02 * mag.size))
-        mags.append(float(np.partition(mag, -k)[-k:].mean()))
-    if not mags:
-        return {"motion": 0.0, "motion_max": 0.0}
-    return {"motion": float(np.median(mags)), "motion_max": float(np.max(mags))}
+
+    def __init__(self, fps: float, motion_fps: float):
+        self.step = max(1, int(round(fps / motion_fps)))
+        self.seen, self.last, self.mags = 0, None, []
+
+    def add(self, gray: np.ndarray) -> None:
+        i, self.seen = self.seen, self.seen + 1
+        if i % self.step:
+            return
+        h, w = gray.shape
+        small = cv2.resize(gray, (w // 2, h // 2), interpolation=cv2.INTER_AREA)
+        if self.last is not None:
+            flow = cv2.calcOpticalFlowFarneback(self.last, small, None, 0.5, 3, 15, 3, 5, 1.2, 0)
+            mag = np.hypot(flow[..., 0], flow[..., 1]).ravel() * 2.0
+            k = max(1, int(0.02 * mag.size))
+            self.mags.append(float(np.partition(mag, -k)[-k:].mean()))
+        self.last = small
+
+    def scores(self) -> dict:
+        if not self.mags:
+            return {"motion": 0.0, "motion_max": 0.0}
+        return {"motion": float(np.median(self.mags)), "motion_max": float(np.max(self.mags))}
 
 
-def cut_scores(frames: np.ndarray, fps: float, threshold: float) -> dict:
-    """Hard cuts via PySceneDetect's ContentDetector, fed the frames of the one decode."""
-    fps = float(fps)
-    detector = ContentDetector(threshold=threshold, min_scene_len=max(2, int(fps * 0.25)))
-    cuts = []
-    for i, frame in enumerate(frames):
+class Cuts:
+    """Hard cuts via PySceneDetect's ContentDetector, fed each frame of the one decode."""
+
+    def __init__(self, fps: float, threshold: float):
+        self.fps = float(fps)
+        self.detector = ContentDetector(threshold=threshold,
+                                        min_scene_len=max(2, int(self.fps * 0.25)))
+        self.seen, self.cuts = 0, []
+
+    def add(self, frame: np.ndarray) -> None:
         bgr = np.ascontiguousarray(frame[..., ::-1])
-        cuts += detector.process_frame(FrameTimecode(i, fps=fps), bgr)
-    cuts += detector.post_process(FrameTimecode(len(frames) - 1, fps=fps))
-    return {"cuts": len(cuts)}
+        self.cuts += self.detector.process_frame(FrameTimecode(self.seen, fps=self.fps), bgr)
+        self.seen += 1
+
+    def scores(self) -> dict:
+        last = self.detector.post_process(FrameTimecode(self.seen - 1, fps=self.fps))
+        return {"cuts": len(self.cuts) + len(last)}
 
 
 def luma_scores(gray: np.ndarray, fps: float, black: float = 20.0, white: float = 235.0,
@@ -192,10 +226,41 @@ def explain(reason: str, scores: dict, cfg: FilterConfig) -> str:
 
 
 def score_item(store: Store, out_dir: str, payload: dict) -> dict:
-    """The filter stage's item: every score of one acquired video (thresholds decide later)."""
+    """The filter stage's item: every score of one acquired video (thresholds decide later).
+
+    With `payload["prepare"]` (the normalize item this clip becomes, when normalize runs next
+    and has no output for it yet) the one decode also feeds the GT encode, which is left in
+    that item's dir only if the clip passes `payload["thresholds"]` (infra.gtspec)."""
+    signals = FilterSignals.model_validate(payload["signals"])
     with store.local_copy(store.key_of(payload["video"])) as path:
         try:
-            scores = analyze(path, probe(path), FilterSignals.model_validate(payload["signals"]))
+            info = probe(path)
+            prepare = payload.get("prepare")
+            # Only on the cold path: not when normalize has the clip already (or ready).
+            if prepare and not any(store.exists(k) for k in
+                                   (prepare["row"], f"{prepare['dir']}/{PREPARED}")):
+                scores = _analyze_and_prepare(store, path, info, signals, payload["thresholds"],
+                                              prepare)
+            else:
+                scores = analyze(path, info, signals)
         except (FFmpegError, ProbeError) as e:
             return {"status": "rejected", "reason": f"undecodable: {e}"}
     return {"status": "scored", **scores}
+
+
+def _analyze_and_prepare(store: Store, path: str, info: VideoInfo, signals: FilterSignals,
+                         thresholds: dict, prepare: dict) -> dict:
+    """analyze(), from the decode that also encodes the GT clip; the clip is kept for the
+    normalize item only when it passes. An encode that fails leaves the scores to a decode of
+    their own (normalize will report the clip's problem in its own row)."""
+    gt = NormalizeConfig.model_validate(prepare["config"])
+    with tempfile.TemporaryDirectory(prefix="regdpo-fused-") as tmp:
+        video, ref = os.path.join(tmp, "gt.mp4"), os.path.join(tmp, "ref.png")
+        try:
+            scores, spec = analyze_and_normalize(path, info, signals.short_edge, gt, video, ref,
+                                                 lambda frames: scores_of(frames, info, signals))
+        except (FFmpegError, RuntimeError):
+            return analyze(path, info, signals)
+        if isinstance(spec, dict) and not decide(scores, FilterConfig.model_validate(thresholds)):
+            put_prepared(store, prepare["dir"], video, ref, spec)
+    return scores

@@ -339,3 +339,85 @@ def test_curation_with_store_on_s3(prefect_api, toy_dir, s3_store_url, s3_admin_
         s = ffprobe_stream(local)
     assert (s["width"], s["height"], s["pix_fmt"], int(s["nb_read_frames"])) == (720, 1280, "yuv420p", 81)
     assert Fraction(s["avg_frame_rate"]) == 16
+
+
+@pytest.mark.slow
+def test_the_fused_decode_gives_the_stage_by_stage_outputs(prefect_api, toy_dir, tmp_path,
+                                                           monkeypatch):
+    """curate fuses filter's decode with normalize's encode for new clips (one ffmpeg pass);
+    running the stages one by one decodes twice. The manifests are the same, byte for byte in
+    every artifact, and the fused run's normalize never touched a source it could reuse."""
+    import tasks.normalize
+    from flows.acquire import acquire
+    from flows.filter import filter_videos
+    from flows.normalize import normalize
+    from flows.pipeline import curate
+    from infra.gtspec import PREPARED
+
+    manifest = tmp_path / "subset.csv"
+    with open(toy_dir / "captions.csv", newline="") as f:
+        keep = [r for r in csv.DictReader(f)
+                if r["video"] in ("clean_landscape_30fps.mp4", "reject_static.mp4")]
+    with open(manifest, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(keep[0]))
+        writer.writeheader()
+        writer.writerows(keep)
+    sources = {"sources": [{"manifest": str(manifest), "video_root": str(toy_dir / "clips")},
+                           str(toy_dir / "edge")]}  # hostile inputs, uncaptioned clips
+    encodes = []
+    real = tasks.normalize.normalize_file
+    monkeypatch.setattr(tasks.normalize, "normalize_file",
+                        lambda *a, **k: encodes.append(a[0]) or real(*a, **k))
+
+    fused_cfg = toy_config(toy_dir, f"file://{tmp_path / 'fused'}", acquire=sources)
+    fused = curate(run="c", config=fused_cfg)
+    fused_encodes, encodes[:] = list(encodes), []
+    plain_cfg = toy_config(toy_dir, f"file://{tmp_path / 'plain'}", acquire=sources)
+    plain = {}
+    for name, stage in (("acquire", acquire), ("filter", filter_videos), ("normalize", normalize)):
+        plain[name] = stage(run="c", config=getattr(plain_cfg, name), store=plain_cfg.store)
+
+    volatile = {"computed_at", "flow_run"}
+    stores = Store(fused_cfg.store), Store(plain_cfg.store)
+    for name in STAGES:
+        assert fused[name]["key"] == plain[name]["key"]
+        got, want = (sorted(({k: v for k, v in r.items() if k not in volatile}
+                             for r in st.read_manifest(stage_dir(name, out[name]["key"]))[0]
+                             .to_pylist()), key=lambda r: r["id"])
+                     for st, out in zip(stores, (fused, plain)))
+        assert got == want, name
+    rows = by_name(stores[0].read_manifest(
+        stage_dir("normalize", fused["normalize"]["key"]))[0].to_pylist())
+    ok = [r for r in rows.values() if r["status"] == "ok"]
+    assert len(ok) >= 6 and all(
+        stores[0].exists(f"{r['video'].rsplit('/', 1)[0]}/{PREPARED}") for r in ok)
+    assert not fused_encodes, fused_encodes  # every passing clip came from filter's decode
+    assert len(encodes) == len(ok), encodes  # stage by stage: each one decoded again
+    assert not any((tmp_path / "plain").rglob(PREPARED))
+
+
+def test_streamed_frames_stop_with_their_consumer_and_at_the_deadline():
+    """stream_ffmpeg: frames as they are decoded; a consumer that stops early stops ffmpeg, and
+    one that would wait past the timeout gets FFmpegError naming it (never a hang)."""
+    import time
+
+    from infra.video import FFMPEG, FFmpegError, stream_ffmpeg
+
+    def realtime(seconds: int) -> list[str]:  # -re: ffmpeg paces itself at 25 frames/s
+        return [FFMPEG, "-v", "error", "-nostdin", "-re", "-f", "lavfi", "-i",
+                f"testsrc=size=32x24:rate=25:duration={seconds}", "-f", "rawvideo",
+                "-pix_fmt", "rgb24", "pipe:"]
+
+    t = time.monotonic()
+    frames = stream_ffmpeg(realtime(60), 32, 24)
+    first = [next(frames) for _ in range(3)]
+    frames.close()  # the consumer is done: ffmpeg is stopped, not left running 60 s
+    assert all(f.shape == (24, 32, 3) for f in first) and time.monotonic() - t < 20
+    got = []
+    with pytest.raises(FFmpegError, match="timed out after 1s"):
+        for frame in stream_ffmpeg(realtime(60), 32, 24, timeout=1):
+            got.append(frame)
+    assert got and time.monotonic() - t < 40  # frames came while it ran, then the deadline
+    with pytest.raises(FFmpegError, match="ffmpeg failed"):
+        list(stream_ffmpeg([FFMPEG, "-v", "error", "-i", "file:/nonexistent.mp4", "-f",
+                            "rawvideo", "pipe:"], 32, 24))
