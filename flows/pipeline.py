@@ -11,6 +11,7 @@ output of the others, and an unchanged stage is a lookup, not work.
 from __future__ import annotations
 
 from prefect import flow, get_run_logger
+from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
 
 from flows.acquire import acquire
 from flows.dag import CURATE, OPTIONAL, ORDER, STAGES
@@ -64,7 +65,11 @@ def _run_stages(stages: tuple[str, ...], run: str, config: RunConfig, only: list
         if name == "filter" and "normalize" in selected(stages, config, only):
             # One decode per new clip for both stages (an execution detail: same outputs).
             extra = {"prepare": prepare_request(config.normalize)}
-        results[name] = FLOWS[name](run=run, config=section, store=config.store, **extra)
+        # The stage runs in this flow's process, whose own heartbeat says it is alive: one per
+        # subflow too would cost each stage up to a second at its end (Prefect joins the
+        # heartbeat thread, which sleeps in 1 s slices), 3 s of a 4-clip curate.
+        with temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
+            results[name] = FLOWS[name](run=run, config=section, store=config.store, **extra)
         log.info("%s (reads %s): %s", name, ", ".join(STAGES[name].reads) or "sources",
                  results[name]["counts"])
     return results

@@ -239,7 +239,8 @@ def test_ui_path_curate_then_rerun_one_stage(prefect_server: Prefect, toy_dir: P
     assert set(deployments) == {"acquire", "filter", "normalize", "pairs", "curate", "pipeline"} | gpu_stages
     assert {n: d["work_pool_name"] for n, d in deployments.items()} == {
         n: "gpu" if n in gpu_stages else "cpu" for n in deployments}
-    assert deployments["train"]["parameters"] == {"run": "toy", "store": "file://./artifacts", "nproc": 1}
+    assert deployments["train"]["parameters"] == {
+        "run": "toy", "store": "file://./artifacts", "nproc": 1, "nnodes": 1, "node_rank": 0, "rdzv": None}
     assert deployments["filter"]["parameters"] == {"run": "toy", "store": "file://./artifacts"}
     assert deployments["filter"]["pull_steps"] == [
         {"prefect.deployments.steps.set_working_directory": {"directory": str(REPO)}}]
