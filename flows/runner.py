@@ -23,6 +23,7 @@ from prefect import Task
 from infra.config import RunnerConfig
 
 EXTRA = "pip install 'regdpo[dist]'"
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 Submit = Callable[[Task, dict], object]
 
@@ -37,6 +38,13 @@ def runner_problems(cfg: RunnerConfig, timeout_s: float = 3.0) -> list[str]:
     if cfg.address is None:
         return []
     parts = urlsplit(cfg.address)
+    from prefect.settings import PREFECT_API_URL
+
+    if not PREFECT_API_URL.value() and parts.hostname not in LOOPBACK:
+        return [f"runner.address {cfg.address}: the workers of a cluster on other machines "
+                "report their task runs to the flow's Prefect API, and without a server that "
+                "is an ephemeral one on 127.0.0.1: start `prefect server start` and set "
+                "PREFECT_API_URL (here and on the workers)"]
     try:
         with socket.create_connection((parts.hostname, parts.port or 8786), timeout=timeout_s):
             return []
@@ -62,6 +70,26 @@ def item_runner(cfg: RunnerConfig, workers: int) -> Iterator[tuple[Submit, int]]
         runner = DaskTaskRunner(cluster_class="distributed.LocalCluster", cluster_kwargs={
             "n_workers": cfg.workers or os.cpu_count() or 1, "threads_per_worker": 1,
             "processes": True, "dashboard_address": None})
-    with runner:
+    with runner, api_for_workers():
         threads = sum(runner.client.nthreads().values())
         yield runner.submit, max(2 * threads, 1)
+
+
+@contextmanager
+def api_for_workers() -> Iterator[None]:
+    """The flow's Prefect API in the settings prefect-dask sends with each task. Without a
+    server (PREFECT_API_URL unset), that is the ephemeral API this process started: named
+    explicitly, or every worker would start an ephemeral API of its own and the items' task
+    runs would report to none the flow can see. (It listens on 127.0.0.1: a cluster on other
+    machines needs a Prefect server, see runner_problems.)"""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    if PREFECT_API_URL.value():
+        yield
+        return
+    from prefect.server.api.server import SubprocessASGIServer
+
+    server = SubprocessASGIServer()
+    server.start()  # already running: the flow's client started it
+    with temporary_settings(updates={PREFECT_API_URL: server.api_url}):
+        yield
