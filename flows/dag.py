@@ -29,6 +29,9 @@ class Stage:
     """"module:function" roots of the code that computes the output."""
     item: str | None = None
     """"module:function" of the item function, (store, out_dir, payload) -> row fields."""
+    cluster: tuple[str, ...] = ()
+    """The item maps (`StageRun.map` names) a cluster runner runs: CPU work whose workers
+    need nothing but the store. The others (GPU models) stay in the flow's process."""
 
     @property
     def config(self) -> type[Section]:
@@ -41,16 +44,16 @@ class Stage:
 
 STAGES: dict[str, Stage] = {s.name: s for s in (
     Stage("acquire", reads=(), code=("tasks.acquire:acquire_one", "tasks.acquire:dedupe"),
-          item="tasks.acquire:acquire_item"),
+          item="tasks.acquire:acquire_item", cluster=("acquire",)),
     # Filter's decode of a new clip may also make normalize's GT clip (the fused pass): both
     # stages' outputs depend on that code.
     Stage("filter", reads=("acquire",), code=("tasks.filter:analyze", "tasks.filter:decide",
                                                "tasks.filter:explain",
                                                "infra.gtspec:analyze_and_normalize"),
-          item="tasks.filter:score_item"),
+          item="tasks.filter:score_item", cluster=("filter",)),
     Stage("normalize", reads=("filter",), code=("tasks.normalize:normalize_one",
                                                 "infra.gtspec:analyze_and_normalize"),
-          item="tasks.normalize:normalize_item"),
+          item="tasks.normalize:normalize_item", cluster=("normalize",)),
     Stage("negatives", reads=("normalize",), code=("tasks.negatives:make_negatives",),
           item="tasks.negatives:negatives_item"),
     Stage("pairs", reads=("normalize", "negatives"),
@@ -63,7 +66,7 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
     Stage("evaluate", reads=("pairs", "train"),
           code=("tasks.evaluate:generate_one", "tasks.evaluate:proxy_one",
                 "tasks.evaluate:run_vbench"),
-          item="tasks.evaluate:generate_item"),
+          item="tasks.evaluate:generate_item", cluster=("evaluate-proxy",)),
 )}
 ORDER: tuple[str, ...] = tuple(STAGES)
 assert ORDER == tuple(STAGE_CONFIGS), "flows/dag.py and infra/config/run.py list different stages"

@@ -6,6 +6,8 @@ is listed at once, each naming the config key and how to fix it.
 - clips will have a prompt: sources that cannot carry captions (folders, URL lists, s3://
   prefixes, a manifest without a caption column) need `normalize.caption.model`;
 - the trackers of `train.report_to` are installed (wandb and mlflow come with an extra);
+- a cluster runner can run: prefect-dask is installed and the scheduler at `runner.address`
+  answers (the config itself refuses a store the cluster's workers cannot reach);
 - every model a stage will load is here (a local folder with its layout, or a hub id in the
   HF cache; online, on the hub): the negatives generators, the model that precomputes and
   trains, the evaluated base, the captioner, and VBench's environment and weights.
@@ -21,6 +23,8 @@ from urllib.parse import urlsplit
 import pandas as pd
 import pyarrow.parquet as pq
 
+from flows.dag import STAGES
+from flows.runner import runner_problems
 from infra.config import ManifestSource, RunConfig
 from infra.store import open_url
 
@@ -42,6 +46,8 @@ def preflight(config: RunConfig, stages: list[str]) -> None:
         problems += _captions(config, "acquire" in stages)
     if "train" in stages:
         problems += _trackers(config)
+    if any(STAGES[s].cluster for s in stages):
+        problems += runner_problems(config.runner)
     problems += _models(config, stages)
     if problems:
         raise PreflightError(problems)

@@ -8,7 +8,8 @@
 
 Keys: item keys digest (identity, settings, the stage's code version); the stage key digests
 (settings, the input manifests' digests, the code version). Items run as Prefect tasks, bounded
-by `workers`; an item's committed row in the store is its cache (verified on every lookup), not
+by `workers`, in the flow's threads or on the run's cluster runner (flows/runner.py) for the
+maps a stage names in `cluster`; an item's committed row in the store is its cache (verified on every lookup), not
 Prefect's result cache, which could not see a truncated artifact.
 """
 
@@ -28,8 +29,9 @@ from prefect.context import get_run_context
 from prefect.tasks import exponential_backoff
 
 from flows.dag import Stage
+from flows.runner import Submit, item_runner
 from infra import shutdown
-from infra.config import Section
+from infra.config import RunnerConfig, Section
 from infra.progress import Progress
 from infra.stage import bad_rows, content_digest, item_dir, output_digest, item_key, load_row, row_sizes, save_row, stage_dir, stage_key
 from infra.store import Store, digest
@@ -110,7 +112,16 @@ class StageRun:
         self.store = Store(store)
         cfg = stage.config.model_validate(config) if config is not None else \
             recorded_config(self.store, run, stage.name, stage.config)
-        self.cfg = with_overrides(cfg, stage.name, overrides or [])
+        mine = [o for o in overrides or [] if not o.strip().startswith("runner.")]
+        self.cfg = with_overrides(cfg, stage.name, mine)
+        self.runner = run_runner(self.store, run, [o for o in overrides or [] if o not in mine])
+        if stage.cluster:  # before any work: a store the workers cannot reach, no prefect-dask
+            from flows.runner import runner_problems
+            from infra.config import ConfigError, store_problem
+
+            if problems := [p for p in [store_problem(self.runner, self.store.url)] if p] + \
+                    runner_problems(self.runner):
+                raise ConfigError(f"{stage.name} for run {run!r}: " + "; ".join(problems))
         self.code = stage.code_version
         self._inputs: dict[str, tuple[list[dict], dict]] = {}
         self.key: str | None = None
@@ -172,10 +183,20 @@ class StageRun:
 
     def map(self, work: list[tuple[str, str, dict]], workers: int, fn: str | None = None,
             name: str | None = None, retries: int | None = None) -> list[dict]:
-        """Run (item key, label, payload) work items, `workers` at a time; failures become rows
-        (naming the item's source). Rows come back in the order of `work`. Stops submitting
-        when the process is asked to shut down (SIGTERM/SIGINT)."""
+        """Run (item key, label, payload) work items, `workers` at a time (on the run's
+        cluster runner when the stage names `name` in its `cluster` maps: as many as its
+        workers take); failures become rows (naming the item's source). Rows come back in the
+        order of `work`. Stops submitting when the process is asked to shut down
+        (SIGTERM/SIGINT)."""
         name, fn = name or self.stage.name, fn or self.stage.item
+        if not work:
+            return []
+        with item_runner(self.runner if name in self.stage.cluster else THREADS, workers) as \
+                (submit, window):
+            return self._map(work, submit, window, fn, name, retries)
+
+    def _map(self, work: list[tuple[str, str, dict]], submit: Submit, window: int, fn: str,
+             name: str, retries: int | None) -> list[dict]:
         log = get_run_logger()
         item = process_item if retries is None else process_item.with_options(retries=retries)
         total = len(work)
@@ -184,9 +205,10 @@ class StageRun:
         pending, inflight, rows = deque(enumerate(work)), {}, [None] * total
         finished: queue.SimpleQueue = queue.SimpleQueue()
         while pending or inflight:
-            while pending and len(inflight) < workers and not shutdown.requested():
+            while pending and len(inflight) < window and not shutdown.requested():
                 i, (ikey, label, payload) = pending.popleft()
-                future = item.submit(name, fn, self.store.url, ikey, label, payload)
+                future = submit(item, {"stage": name, "fn": fn, "store_url": self.store.url,
+                                       "ikey": ikey, "label": label, "payload": payload})
                 inflight[future] = i
                 future.add_done_callback(finished.put)
             if not inflight:
@@ -285,6 +307,20 @@ def tag_flow_run(*tags: str) -> None:
             client.update_flow_run(flow_run.id, tags=sorted(set(current) | set(tags)))
     except Exception as e:  # noqa: BLE001 - tags are for browsing; they never fail a stage
         get_run_logger().debug("could not tag the flow run: %s", e)
+
+
+THREADS = RunnerConfig()
+
+
+def run_runner(store: Store, run: str, overrides: list[str]) -> RunnerConfig:
+    """The run's runner (`runner` of the config recorded in the run index: what the pipeline
+    ran with, so a stage deployment started alone runs where the pipeline did), with
+    `runner.*` overrides for this stage run only. A run never recorded runs on threads."""
+    from infra.config import apply_overrides, load_section
+
+    data = ((store.read_run(run) or {}).get("config") or {}).get("runner") or {}
+    data = apply_overrides({"runner": data}, overrides)["runner"]
+    return load_section(RunnerConfig, data, f"runner of run {run!r} (overrides {overrides})")
 
 
 def recorded_config(store: Store, run: str, stage: str, cls: type) -> Any:

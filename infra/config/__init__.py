@@ -6,6 +6,7 @@
     pairs     negatives, pairs, precompute
     train     loss, LoRA, optimizer, parallel layout, checkpoints
     evaluate  sampling, VBench, proxy metrics
+    runner    where the item-parallel stages run (threads, a Dask cluster)
     run       RunConfig (one field per stage), load_config, --set overrides
 """
 
@@ -16,6 +17,7 @@ from infra.config.evaluate import (BASE, DIMENSIONS, EvaluateConfig, GenerateCon
                                    VBenchConfig)
 from infra.config.pairs import (AnnotatedConfig, GeneratorConfig, LocalCorruptConfig,
                                 NegativesConfig, PairsConfig, PrecomputeConfig)
+from infra.config.runner import RunnerConfig, store_problem
 from infra.config.run import (STAGE_CONFIGS, RunConfig, apply_overrides, load_config,
                               load_section, parse_override)
 from infra.config.train import (CheckpointConfig, LoraSection, LossConfig, OptimizerConfig,
@@ -28,6 +30,7 @@ __all__ = [
     "FilterSignals", "GenerateConfig", "GeneratorConfig", "Kind", "LocalCorruptConfig",
     "LoraSection", "LossConfig", "ManifestSource", "NegativesConfig", "NormalizeConfig",
     "OptimizerConfig", "PairsConfig", "ParallelConfig", "PrecomputeConfig", "ProxyConfig",
-    "RunConfig", "STAGE_CONFIGS", "Section", "TrainConfig", "VBenchConfig", "apply_overrides",
-    "load_config", "load_section", "parse_bucket", "parse_override", "yaml_load",
+    "RunConfig", "RunnerConfig", "STAGE_CONFIGS", "Section", "TrainConfig", "VBenchConfig", "apply_overrides",
+    "load_config", "load_section", "parse_bucket", "parse_override", "store_problem",
+    "yaml_load",
 ]

@@ -16,6 +16,7 @@ from infra.config.base import ConfigError, Section, yaml_load
 from infra.config.curate import AcquireConfig, FilterConfig, ManifestSource, NormalizeConfig
 from infra.config.evaluate import EvaluateConfig
 from infra.config.pairs import NegativesConfig, PairsConfig, PrecomputeConfig
+from infra.config.runner import RunnerConfig, store_problem
 from infra.config.train import TrainConfig
 from infra.store import StoreError, check_store_url, safe_part
 
@@ -26,6 +27,9 @@ class RunConfig(Section):
     name: str = Field("toy", description="the run's name: runs/<name>/ in the store")
     store: str = Field("file://./artifacts", description="artifact store URL: file://… or "
                        "s3://bucket/prefix (credentials from the environment, never here)")
+    runner: RunnerConfig = Field(RunnerConfig(), description="where the items of acquire, "
+                                 "filter, normalize and evaluate's scoring run: threads, or a "
+                                 "Dask cluster (the store must be one its workers reach)")
     acquire: AcquireConfig = AcquireConfig()
     filter: FilterConfig = FilterConfig()
     normalize: NormalizeConfig = NormalizeConfig()
@@ -50,6 +54,12 @@ class RunConfig(Section):
             return check_store_url(v)
         except StoreError as e:  # a ValueError for pydantic: a key-path error, not a traceback
             raise ValueError(str(e)) from None
+
+    @model_validator(mode="after")
+    def _shared_store(self) -> "RunConfig":
+        if why := store_problem(self.runner, self.store):
+            raise ValueError(why)
+        return self
 
     @model_validator(mode="after")
     def _precompute_model(self) -> "RunConfig":

@@ -1,0 +1,100 @@
+"""Curate throughput on the Dask cluster runner at 1 and 2 workers, side by side in one run.
+
+For each worker count: a LocalCluster of that many worker processes (1 thread each), started
+and warmed (imports, OCR model) before the clock, reached by address as an existing cluster
+would be; then the `curate` flow (acquire -> filter -> normalize at the paper's GT spec) over
+the same clips into a fresh store. Prints clips per minute for each and, last,
+
+    parallel efficiency <throughput at 2 / (2 x throughput at 1)>    (target on 2 cores: >= 0.8)
+
+    python benchmarks/curate_scale.py [--clips 12] [--size 1920x1080] [--preset medium]
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+
+from infra.config import RunConfig  # noqa: E402
+from tasks.toy_data import Clip, make_clip  # noqa: E402
+
+
+def make_sources(out: Path, n: int, size: str, fps: int, first: int = 0) -> Path:
+    """n distinct moving clips and their captions manifest."""
+    w, h = (int(x) for x in size.split("x"))
+    manifest = out / f"clips{first}.csv"
+    with manifest.open("w", newline="") as f:
+        rows = csv.writer(f)
+        rows.writerow(["video", "caption"])
+        for i in range(first, first + n):
+            make_clip(Clip(f"scale{i}", "clean", w, h, fps), out / f"scale{i}.mp4")
+            rows.writerow([f"scale{i}.mp4", f"benchmark clip {i}"])
+    return manifest
+
+
+def config(store: str, manifest: Path, address: str, preset: str) -> RunConfig:
+    return RunConfig.model_validate({
+        "name": "scale", "store": store,
+        # One machine: the store's folder is every worker's (what shared_store declares).
+        "runner": {"kind": "dask", "address": address, "shared_store": True},
+        "acquire": {"sources": [{"manifest": str(manifest), "video_root": str(manifest.parent)}]},
+        "normalize": {"preset": preset},
+    })
+
+
+def clips_per_minute(workers: int, tmp: Path, clips: Path, warm: Path, preset: str) -> float:
+    from distributed import Client, LocalCluster
+
+    from flows.pipeline import curate
+
+    with LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
+                      dashboard_address=None) as cluster, Client(cluster) as client:
+        client.run(lambda: [__import__(m) for m in ("tasks.acquire", "tasks.filter",
+                                                    "tasks.normalize")])
+        # Warm-up: one clip per worker through every stage (OCR and codecs load on first use).
+        curate(run="scale", config=config(f"file://{tmp}/warm{workers}", warm,
+                                          cluster.scheduler_address, preset))
+        n = sum(1 for _ in csv.DictReader(clips.open()))
+        t = time.perf_counter()
+        result = curate(run="scale", config=config(f"file://{tmp}/store{workers}", clips,
+                                                   cluster.scheduler_address, preset))
+        seconds = time.perf_counter() - t
+    ok = result["normalize"]["counts"]["ok"]
+    assert ok == n, f"{ok} of {n} clips normalized: {result}"
+    rate = 60 * n / seconds
+    print(f"{workers} worker(s): {n} clips in {seconds:.1f} s = {rate:.2f} clips/min", flush=True)
+    return rate
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--clips", type=int, default=12)
+    ap.add_argument("--size", default="1920x1080")
+    ap.add_argument("--fps", type=int, default=30)
+    ap.add_argument("--preset", default="medium", help="normalize's x264 preset (its default)")
+    args = ap.parse_args()
+
+    with tempfile.TemporaryDirectory(prefix="regdpo-scale-") as tmp_:
+        tmp = Path(tmp_)
+        print(f"making {args.clips} {args.size}@{args.fps} clips (+2 for warm-up) ...", flush=True)
+        clips = make_sources(tmp, args.clips, args.size, args.fps)
+        warm = make_sources(tmp, 2, args.size, args.fps, first=args.clips)
+        print(f"load average before: {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs", flush=True)
+        one = clips_per_minute(1, tmp, clips, warm, args.preset)
+        two = clips_per_minute(2, tmp, clips, warm, args.preset)
+        print(f"load average after: {os.getloadavg()[0]:.2f}")
+        print(f"clips/min: 1 worker {one:.2f}, 2 workers {two:.2f}")
+        print(f"parallel efficiency {two / (2 * one):.2f}")
+
+
+if __name__ == "__main__":
+    main()
