@@ -32,9 +32,10 @@ from diffusers import WanTransformer3DModel
 
 from infra.plots import compare_panels, fig2_panels
 from infra.store import Store
-from models.wan import (TEXT_LEN, WanSpec, build_tiny, load_transformer,
-                        tiny_transformer_config, training_scheduler)
-from tasks.train import PairsDataset, TrainConfig, train, transformer_config, write_pairs
+from models.tiny import build_tiny, tiny_transformer_config
+from models.wan import TEXT_LEN, WanSpec, load_transformer, training_scheduler
+from infra.pairs_format import PAIRS_FORMAT, PairsDataset, pair_bytes
+from tasks.train import TrainConfig, train, transformer_config
 
 LOSSES = {"DPO": {"kind": "dpo"}, "Reg-DPO": {"kind": "regdpo", "r": "dgr"}}
 
@@ -62,6 +63,16 @@ def smooth_latent(shape: tuple[int, ...], g: torch.Generator, waves: int = 3) ->
         amp = torch.randn(c, 1, 1, 1, generator=g)
         out += amp * torch.cos(kt * tt + ky * yy + kx * xx + phase)
     return out / out.std().clamp_min(1e-6)
+
+
+def write_pairs(store: Store, stage_dir: str, pairs: dict[str, dict[str, torch.Tensor]]) -> str:
+    """Pair files in the regdpo.pairs.v1 format, then the committed manifest (last)."""
+    rows = []
+    for pair_id, tensors in pairs.items():
+        uri = store.write_bytes(f"{stage_dir}/pairs/{pair_id}.safetensors", pair_bytes(tensors))
+        rows.append({"id": pair_id, "status": "ok", "reason": "", "latents": uri})
+    store.commit_manifest(stage_dir, rows, {"format": PAIRS_FORMAT, "pairs": len(rows)})
+    return stage_dir
 
 
 def write_synthetic_pairs(store: Store, key: str, model: dict, n: int, frames: int, side: int,
