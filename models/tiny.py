@@ -158,3 +158,86 @@ def build_tiny_captioner(path: str | Path, seed: int = 0) -> str:
     model.save_pretrained(path)
     BlipProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(path)
     return path
+
+
+# Qwen2-VL's special tokens (the hub tokenizer's names); the chat template below is a short
+# form of Qwen2-VL's own (system turn, <|im_start|>role ... <|im_end|>, vision placeholders).
+QWEN2VL_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>",
+                    "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>"]
+QWEN2VL_CHAT_TEMPLATE = (
+    "{% if messages[0]['role'] != 'system' %}<|im_start|>system\nYou are a helpful assistant."
+    "<|im_end|>\n{% endif %}"
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
+    "{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' or 'image' in content %}"
+    "<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif content['type'] == 'video' or 'video' in content %}"
+    "<|vision_start|><|video_pad|><|vision_end|>"
+    "{% elif 'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}{% endif %}"
+    "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+TINY_CRITIC_PIXELS = 56 * 56  # every frame resized to 56 x 56: 4 x 4 patches of 14, 4 tokens
+
+
+def _tiny_critic_tokenizer() -> Any:
+    """A byte-level BPE (Qwen2's tokenizer kind) trained in memory on a few sentences: any
+    text encodes (no unknown token), deterministic, no download."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    corpus = ["Prompt alignment: video A follows the prompt better than video B.",
+              "Subject consistency: the subject stays the same in every frame.",
+              "Motion smoothness: the motion is smooth, without jitter or jumps.",
+              "Aesthetic quality: colors, lighting and composition look good.",
+              "Verdict: A", "Verdict: B", "Verdict: good", "Verdict: bad",
+              "a cat walks on the street under a blue sky; a dog runs on the beach"]
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    bpe.train_from_iterator(corpus, trainers.BpeTrainer(
+        vocab_size=300, special_tokens=QWEN2VL_SPECIALS, show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    return PreTrainedTokenizerFast(
+        tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+        additional_special_tokens=QWEN2VL_SPECIALS[1:], chat_template=QWEN2VL_CHAT_TEMPLATE)
+
+
+def build_tiny_critic(path: str | Path, seed: int = 0) -> str:
+    """Write a tiny random-weight Qwen2-VL critic (Qwen2VLForConditionalGeneration), its
+    tokenizer and processor (Qwen2VLImageProcessorPil: no torchvision) to `path`; returns it.
+
+    Loads through models.critic.load_critic like Qwen/Qwen2-VL-2B-Instruct would. Seeded (same
+    files every time) without touching the caller's RNG. Its text is random: every verdict
+    it writes is an abstain, which is what the critic code must make of noise.
+    """
+    from transformers import (Qwen2VLConfig, Qwen2VLForConditionalGeneration,
+                              Qwen2VLImageProcessorPil)
+
+    from models.critic import FrameProcessor
+
+    tokenizer = _tiny_critic_tokenizer()
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in QWEN2VL_SPECIALS}
+    config = Qwen2VLConfig(
+        text_config=dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
+                         num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+                         max_position_embeddings=2048,
+                         rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]},
+                         bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"],
+                         pad_token_id=ids["<|endoftext|>"]),
+        vision_config=dict(depth=2, embed_dim=32, hidden_size=32, num_heads=2, mlp_ratio=2,
+                           patch_size=14, spatial_merge_size=2, temporal_patch_size=2),
+        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = Qwen2VLForConditionalGeneration(config)
+    image_processor = Qwen2VLImageProcessorPil(
+        size={"shortest_edge": TINY_CRITIC_PIXELS, "longest_edge": TINY_CRITIC_PIXELS})
+    processor = FrameProcessor(image_processor=image_processor, tokenizer=tokenizer,
+                               chat_template=QWEN2VL_CHAT_TEMPLATE)
+    path = str(path)
+    model.save_pretrained(path)
+    processor.save_pretrained(path)
+    return path
