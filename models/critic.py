@@ -35,7 +35,7 @@ from typing import Any, Iterator, Mapping, Sequence
 import numpy as np
 import torch
 from PIL import Image
-from peft import LoraConfig
+from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForImageTextToText, PreTrainedModel, Qwen2VLProcessor
 from transformers.processing_utils import ProcessorMixin
 
@@ -119,7 +119,7 @@ class Critic:
     """A loaded critic: processor, model (eval mode), and how it samples chains."""
 
     processor: FrameProcessor
-    model: PreTrainedModel
+    model: PreTrainedModel | PeftModel  # a PeftModel once it has an SRPO adapter
     cfg: CriticConfig
 
     @property
@@ -142,7 +142,7 @@ def load_critic(cfg: CriticConfig, adapter: str | Path | None = None) -> Critic:
                          f"{model.config.model_type!r} model; the critic needs a Qwen2-VL-class "
                          f"VLM ({', '.join(CRITIC_MODEL_TYPES)})")
     if adapter is not None:
-        model.load_adapter(str(adapter))
+        model = PeftModel.from_pretrained(model, str(adapter))  # frozen: a judge, not a trainee
     return Critic(processor, model.to(cfg.device).eval(), cfg)
 
 
@@ -389,33 +389,30 @@ def response_logprobs(model: PreTrainedModel, prompt: Mapping[str, torch.Tensor]
     return (token_logp * mask).sum(-1)
 
 
-def add_lora(model: PreTrainedModel, rank: int, alpha: float, targets: Sequence[str]) -> None:
-    """Freeze the critic and add a trainable LoRA adapter ("default") through transformers'
-    peft integration; LoRA weights in float32. B starts at 0: policy = reference at first."""
-    model.requires_grad_(False)
-    model.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(targets),
-                                 init_lora_weights=True))
-    for p in lora_parameters(model):
-        p.data = p.data.float()
+def add_lora(critic: Critic, rank: int, alpha: float, targets: Sequence[str]) -> None:
+    """Freeze the critic and give it a trainable LoRA adapter: `critic.model` becomes a peft
+    PeftModel over the same weights (LoRA weights in float32). B starts at 0, so the policy
+    starts equal to the reference. (peft's own wrapper: transformers' add_adapter needs a newer
+    peft than this platform has.)"""
+    critic.model.requires_grad_(False)
+    critic.model = get_peft_model(critic.model, LoraConfig(
+        r=rank, lora_alpha=alpha, target_modules=list(targets), init_lora_weights=True))
 
 
-def lora_parameters(model: PreTrainedModel) -> list[torch.nn.Parameter]:
+def lora_parameters(model: PreTrainedModel | PeftModel) -> list[torch.nn.Parameter]:
     """The adapter's parameters (the only ones SRPO trains)."""
     return [p for name, p in model.named_parameters() if "lora_" in name]
 
 
 @contextmanager
-def reference_mode(model: PreTrainedModel) -> Iterator[PreTrainedModel]:
-    """Inside, the critic is its reference π_ref (adapters bypassed); re-enabled on exit even if
-    the body raises. Use under torch.no_grad()."""
-    model.disable_adapters()
-    try:
+def reference_mode(model: PeftModel) -> Iterator[PeftModel]:
+    """Inside, the critic is its reference π_ref (adapters bypassed, bit-exact); re-enabled on
+    exit even if the body raises. Use under torch.no_grad()."""
+    with model.disable_adapter():
         yield model
-    finally:
-        model.enable_adapters()
 
 
-def save_adapter(model: PreTrainedModel, directory: str | Path) -> Path:
+def save_adapter(model: PeftModel, directory: str | Path) -> Path:
     """Write the adapter (adapter_model.safetensors + adapter_config.json, what
     `load_critic(cfg, adapter=directory)` reads); the safetensors bytes depend only on the
     weights. Returns the safetensors path."""

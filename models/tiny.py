@@ -181,22 +181,31 @@ TINY_CRITIC_PIXELS = 56 * 56  # every frame resized to 56 x 56: 4 x 4 patches of
 
 
 def _tiny_critic_tokenizer() -> Any:
-    """A byte-level BPE (Qwen2's tokenizer kind) trained in memory on a few sentences: any
-    text encodes (no unknown token), deterministic, no download."""
+    """A byte-level BPE (Qwen2's tokenizer kind) trained in memory on the critic's own prompts
+    and a few answers, so prompts are short in tokens: any text encodes (no unknown token),
+    deterministic, no download."""
+    from PIL import Image
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    corpus = ["Prompt alignment: video A follows the prompt better than video B.",
-              "Subject consistency: the subject stays the same in every frame.",
-              "Motion smoothness: the motion is smooth, without jitter or jumps.",
-              "Aesthetic quality: colors, lighting and composition look good.",
-              "Verdict: A", "Verdict: B", "Verdict: good", "Verdict: bad",
-              "a cat walks on the street under a blue sky; a dog runs on the beach"]
+    from infra.config.critic import CRITIC_DIMENSIONS
+    from models.critic import pair_messages, point_messages
+
+    frame = [Image.new("RGB", (8, 8))]
+    corpus = [part["text"] for messages in (pair_messages("a cat", frame, frame, CRITIC_DIMENSIONS),
+                                            point_messages("a dog", frame, CRITIC_DIMENSIONS))
+              for part in messages[0]["content"] if part["type"] == "text"]
+    corpus += ["Prompt alignment: video A follows the prompt better than video B.",
+               "Subject consistency: the subject stays the same in every frame.",
+               "Motion smoothness: the motion is smooth, without jitter or jumps.",
+               "Aesthetic quality: colors, lighting and composition look good.",
+               "Verdict: A", "Verdict: B", "Verdict: good", "Verdict: bad",
+               "a cat walks on the street under a blue sky; a dog runs on the beach"]
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
     bpe.train_from_iterator(corpus, trainers.BpeTrainer(
-        vocab_size=300, special_tokens=QWEN2VL_SPECIALS, show_progress=False,
+        vocab_size=640, special_tokens=QWEN2VL_SPECIALS, show_progress=False,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
     return PreTrainedTokenizerFast(
         tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<|endoftext|>",
