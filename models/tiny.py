@@ -212,41 +212,53 @@ def _tiny_critic_tokenizer() -> Any:
         additional_special_tokens=QWEN2VL_SPECIALS[1:], chat_template=QWEN2VL_CHAT_TEMPLATE)
 
 
-def build_tiny_critic(path: str | Path, seed: int = 0) -> str:
-    """Write a tiny random-weight Qwen2-VL critic (Qwen2VLForConditionalGeneration), its
-    tokenizer and processor (Qwen2VLImageProcessorPil: no torchvision) to `path`; returns it.
+def build_tiny_critic(path: str | Path, seed: int = 0, arch: str = "qwen2_vl") -> str:
+    """Write a tiny random-weight critic of the Qwen2-VL class to `path` in a hub repo's layout
+    (config, weights, tokenizer, preprocessor_config.json, chat template); returns the path.
 
-    Loads through models.critic.load_critic like Qwen/Qwen2-VL-2B-Instruct would. Seeded (same
-    files every time) without touching the caller's RNG. Its text is random: every verdict
-    it writes is an abstain, which is what the critic code must make of noise.
+    arch: "qwen2_vl" (Qwen2VLForConditionalGeneration, as Qwen/Qwen2-VL-2B-Instruct) or
+    "qwen2_5_vl" (Qwen2_5_VLForConditionalGeneration, as Qwen2.5-VL and UnifiedReward-qwen).
+    Loads through models.critic.load_critic as those repos would; the image processor is
+    Qwen2VLImageProcessorPil (no torchvision). Seeded (same files every time) without touching
+    the caller's RNG. Its text is random: every verdict it writes is an abstain, which is what
+    the critic code must make of noise.
     """
-    from transformers import (Qwen2VLConfig, Qwen2VLForConditionalGeneration,
+    from transformers import (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration,
+                              Qwen2VLConfig, Qwen2VLForConditionalGeneration,
                               Qwen2VLImageProcessorPil)
-
-    from models.critic import FrameProcessor
 
     tokenizer = _tiny_critic_tokenizer()
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in QWEN2VL_SPECIALS}
-    config = Qwen2VLConfig(
-        text_config=dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
-                         num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
-                         max_position_embeddings=2048,
-                         rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]},
-                         bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"],
-                         pad_token_id=ids["<|endoftext|>"]),
-        vision_config=dict(depth=2, embed_dim=32, hidden_size=32, num_heads=2, mlp_ratio=2,
-                           patch_size=14, spatial_merge_size=2, temporal_patch_size=2),
+    text = dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
+                num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+                max_position_embeddings=2048,
+                rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]},  # head_dim 16 / 2
+                bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"],
+                pad_token_id=ids["<|endoftext|>"])
+    vision = dict(depth=2, hidden_size=32, num_heads=2, patch_size=14, spatial_merge_size=2,
+                  temporal_patch_size=2)
+    if arch == "qwen2_vl":
+        config_cls, model_cls = Qwen2VLConfig, Qwen2VLForConditionalGeneration
+        vision.update(embed_dim=32, mlp_ratio=2)
+    elif arch == "qwen2_5_vl":  # windowed vision attention: 1 window = 2 x 2 merged tokens
+        config_cls, model_cls = Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+        vision.update(intermediate_size=64, out_hidden_size=32, window_size=56,
+                      fullatt_block_indexes=[1])
+    else:
+        raise ValueError(f"tiny critic arch {arch!r} is not qwen2_vl or qwen2_5_vl")
+    config = config_cls(
+        text_config=text, vision_config=vision,
         image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
         vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
     )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = Qwen2VLForConditionalGeneration(config)
-    image_processor = Qwen2VLImageProcessorPil(
-        size={"shortest_edge": TINY_CRITIC_PIXELS, "longest_edge": TINY_CRITIC_PIXELS})
-    processor = FrameProcessor(image_processor=image_processor, tokenizer=tokenizer,
-                               chat_template=QWEN2VL_CHAT_TEMPLATE)
+        model = model_cls(config)
     path = str(path)
     model.save_pretrained(path)
-    processor.save_pretrained(path)
+    # The hub repos' layout: the image processor's preprocessor_config.json beside the
+    # tokenizer files and the chat template (no processor_config.json to lean on).
+    Qwen2VLImageProcessorPil(size={"shortest_edge": TINY_CRITIC_PIXELS,
+                                   "longest_edge": TINY_CRITIC_PIXELS}).save_pretrained(path)
+    tokenizer.save_pretrained(path)
     return path

@@ -12,8 +12,8 @@ from PIL import Image
 from infra.config.critic import CRITIC_DIMENSIONS, CriticConfig
 from models.critic import (PAIR_VERDICTS, POINT_VERDICTS, chain_seed, check_available,
                            judge_pair, judge_video, judgment_inputs, load_critic, pair_messages,
-                           pair_tally, parse_verdict, sample_chain, tally, video_frames,
-                           weight_identity)
+                           pair_tally, parse_verdict, response_ids, response_logprobs,
+                           sample_chain, tally, video_frames, weight_identity)
 from models.tiny import build_tiny_critic
 from tests.gt_clips import make_clip
 
@@ -53,6 +53,19 @@ def test_tiny_critic_loads_through_the_real_loading_code(tiny_critic):
     n_tokens = int((inputs["input_ids"] == image_pad).sum())
     assert inputs["image_grid_thw"].shape[0] == 4  # 2 videos x 2 frames, one image each
     assert n_tokens == int(inputs["image_grid_thw"].prod(-1).sum()) // 4  # merge 2x2
+
+
+def test_a_qwen2_5_vl_critic_judges_and_scores_through_the_same_code(tmp_path):
+    critic = load_critic(cfg(build_tiny_critic(tmp_path / "q25", arch="qwen2_5_vl")))
+    assert type(critic.model).__name__ == "Qwen2_5_VLForConditionalGeneration"
+    judgment = judge_pair(critic, "a cat", frames((200, 0, 0)), frames((0, 0, 200)), seed=3)
+    assert len(judgment["chains"]) == 4 and judgment["votes"]["abstain"] == 4
+    inputs = judgment_inputs(critic, pair_messages("a cat", frames((1, 2, 3)), frames((3, 2, 1)),
+                                                   CRITIC_DIMENSIONS))
+    with torch.no_grad():
+        logp = response_logprobs(critic.model, inputs, [response_ids(critic, chain("A"))],
+                                 critic.tokenizer.pad_token_id)
+    assert logp.shape == (1,) and torch.isfinite(logp).all() and logp.item() < 0
 
 
 @pytest.mark.parametrize("model", ["/nonexistent/critic", "nobody-here/no-such-critic"])
