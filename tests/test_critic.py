@@ -55,6 +55,23 @@ def test_tiny_critic_loads_through_the_real_loading_code(tiny_critic):
     assert n_tokens == int(inputs["image_grid_thw"].prod(-1).sum()) // 4  # merge 2x2
 
 
+def test_a_repo_that_ships_a_video_processor_config_still_loads(tiny_critic, tmp_path):
+    # Newer Qwen2(.5)-VL repos carry the video processor's config (torchvision's); frames need
+    # only the image half, and its config must not break the load.
+    import json
+    import shutil
+
+    repo = Path(shutil.copytree(tiny_critic, tmp_path / "repo"))
+    video = {"video_processor_type": "Qwen2VLVideoProcessor", "processor_class": "Qwen2VLProcessor",
+             "patch_size": 14, "temporal_patch_size": 2, "merge_size": 2}
+    (repo / "video_preprocessor_config.json").write_text(json.dumps(video))
+    image = json.loads((repo / "preprocessor_config.json").read_text())
+    (repo / "processor_config.json").write_text(json.dumps(
+        {"processor_class": "Qwen2VLProcessor", "image_processor": image, "video_processor": video}))
+    critic = load_critic(cfg(str(repo)))
+    assert type(critic.processor.image_processor).__name__ == "Qwen2VLImageProcessorPil"
+
+
 def test_a_qwen2_5_vl_critic_judges_and_scores_through_the_same_code(tmp_path):
     critic = load_critic(cfg(build_tiny_critic(tmp_path / "q25", arch="qwen2_5_vl")))
     assert type(critic.model).__name__ == "Qwen2_5_VLForConditionalGeneration"
