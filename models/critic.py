@@ -224,7 +224,8 @@ def sample_chain(critic: Critic, inputs: Mapping[str, torch.Tensor], seed: int) 
     cfg = critic.cfg
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed)
-        with torch.inference_mode():
+        with torch.inference_mode():  # top_k=0 lifts the repo's own top_k (Qwen2-VL-Instruct
+            # ships top_k=1, i.e. greedy: K identical chains would be no vote at all)
             out = critic.model.generate(**inputs, do_sample=True, temperature=cfg.temperature,
                                         top_p=cfg.top_p, top_k=0,
                                         max_new_tokens=cfg.max_new_tokens)
