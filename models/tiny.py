@@ -158,3 +158,107 @@ def build_tiny_captioner(path: str | Path, seed: int = 0) -> str:
     model.save_pretrained(path)
     BlipProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(path)
     return path
+
+
+# Qwen2-VL's special tokens (the hub tokenizer's names); the chat template below is a short
+# form of Qwen2-VL's own (system turn, <|im_start|>role ... <|im_end|>, vision placeholders).
+QWEN2VL_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>",
+                    "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>"]
+QWEN2VL_CHAT_TEMPLATE = (
+    "{% if messages[0]['role'] != 'system' %}<|im_start|>system\nYou are a helpful assistant."
+    "<|im_end|>\n{% endif %}"
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
+    "{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' or 'image' in content %}"
+    "<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif content['type'] == 'video' or 'video' in content %}"
+    "<|vision_start|><|video_pad|><|vision_end|>"
+    "{% elif 'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}{% endif %}"
+    "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+TINY_CRITIC_PIXELS = 56 * 56  # every frame resized to 56 x 56: 4 x 4 patches of 14, 4 tokens
+
+
+def _tiny_critic_tokenizer() -> Any:
+    """A byte-level BPE (Qwen2's tokenizer kind) trained in memory on the critic's own prompts
+    and a few answers, so prompts are short in tokens: any text encodes (no unknown token),
+    deterministic, no download."""
+    from PIL import Image
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from infra.config.critic import CRITIC_DIMENSIONS
+    from models.critic import pair_messages, point_messages
+
+    frame = [Image.new("RGB", (8, 8))]
+    corpus = [part["text"] for messages in (pair_messages("a cat", frame, frame, CRITIC_DIMENSIONS),
+                                            point_messages("a dog", frame, CRITIC_DIMENSIONS))
+              for part in messages[0]["content"] if part["type"] == "text"]
+    corpus += ["Prompt alignment: video A follows the prompt better than video B.",
+               "Subject consistency: the subject stays the same in every frame.",
+               "Motion smoothness: the motion is smooth, without jitter or jumps.",
+               "Aesthetic quality: colors, lighting and composition look good.",
+               "Verdict: A", "Verdict: B", "Verdict: good", "Verdict: bad",
+               "a cat walks on the street under a blue sky; a dog runs on the beach"]
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    bpe.train_from_iterator(corpus, trainers.BpeTrainer(
+        vocab_size=640, special_tokens=QWEN2VL_SPECIALS, show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    return PreTrainedTokenizerFast(
+        tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+        additional_special_tokens=QWEN2VL_SPECIALS[1:], chat_template=QWEN2VL_CHAT_TEMPLATE)
+
+
+def build_tiny_critic(path: str | Path, seed: int = 0, arch: str = "qwen2_vl") -> str:
+    """Write a tiny random-weight critic of the Qwen2-VL class to `path` in a hub repo's layout
+    (config, weights, tokenizer, preprocessor_config.json, chat template); returns the path.
+
+    arch: "qwen2_vl" (Qwen2VLForConditionalGeneration, as Qwen/Qwen2-VL-2B-Instruct) or
+    "qwen2_5_vl" (Qwen2_5_VLForConditionalGeneration, as Qwen2.5-VL and UnifiedReward-qwen).
+    Loads through models.critic.load_critic as those repos would; the image processor is
+    Qwen2VLImageProcessorPil (no torchvision). Seeded (same files every time) without touching
+    the caller's RNG. Its text is random: every verdict it writes is an abstain, which is what
+    the critic code must make of noise.
+    """
+    from transformers import (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration,
+                              Qwen2VLConfig, Qwen2VLForConditionalGeneration,
+                              Qwen2VLImageProcessorPil)
+
+    tokenizer = _tiny_critic_tokenizer()
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in QWEN2VL_SPECIALS}
+    text = dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
+                num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+                max_position_embeddings=2048,
+                rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]},  # head_dim 16 / 2
+                bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"],
+                pad_token_id=ids["<|endoftext|>"])
+    vision = dict(depth=2, hidden_size=32, num_heads=2, patch_size=14, spatial_merge_size=2,
+                  temporal_patch_size=2)
+    if arch == "qwen2_vl":
+        config_cls, model_cls = Qwen2VLConfig, Qwen2VLForConditionalGeneration
+        vision.update(embed_dim=32, mlp_ratio=2)
+    elif arch == "qwen2_5_vl":  # windowed vision attention: 1 window = 2 x 2 merged tokens
+        config_cls, model_cls = Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+        vision.update(intermediate_size=64, out_hidden_size=32, window_size=56,
+                      fullatt_block_indexes=[1])
+    else:
+        raise ValueError(f"tiny critic arch {arch!r} is not qwen2_vl or qwen2_5_vl")
+    config = config_cls(
+        text_config=text, vision_config=vision,
+        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = model_cls(config)
+    path = str(path)
+    model.save_pretrained(path)
+    # The hub repos' layout: the image processor's preprocessor_config.json beside the
+    # tokenizer files and the chat template (no processor_config.json to lean on).
+    Qwen2VLImageProcessorPil(size={"shortest_edge": TINY_CRITIC_PIXELS,
+                                   "longest_edge": TINY_CRITIC_PIXELS}).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
