@@ -179,6 +179,19 @@ def test_stray_safetensors_in_the_transformer_folder_are_named(tmp_path) -> None
         _checkpoint_files(WanSpec("t2v", model))
 
 
+def test_weights_that_do_not_fit_the_config_are_named(tmp_path) -> None:
+    from infra.sharded_load import _read_base
+    from models.tiny import build_tiny
+    from models.wan import WanSpec, empty_transformer
+
+    model = build_tiny("t2v", tmp_path / "m")
+    config = Path(model, "transformer", "config.json")
+    config.write_text(json.dumps(json.loads(config.read_text()) | {"num_layers": 3}))
+    spec = WanSpec("t2v", model, "float32")
+    with pytest.raises(ValueError, match=r"missing \['blocks\.2\..*must come from one model"):
+        _read_base(empty_transformer(spec), Path(model, "transformer"), spec)
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser()
     parser.add_argument("--worker", action="store_true", required=True)
