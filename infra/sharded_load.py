@@ -15,8 +15,8 @@ train.parallel.fsdp is on and there is more than one rank (`applies`), each rank
    `safe_open(...).get_slice(...)` of the local rows of each tensor, converted to the model's
    dtype on copy).
 
-Peak host memory per rank is thus its shard of the base plus the largest tensor slice in
-flight, not the model (tests/test_sharded_load.py measures it against a single-process load).
+Peak host memory per rank is thus its shard of the base plus what reading one file costs (the
+pages that hold its rows, one slice in flight), not the model (tests/test_sharded_load.py measures it against a single-process load).
 """
 
 from __future__ import annotations

@@ -357,10 +357,10 @@ def add_lora(transformer: WanTransformer3DModel, rank: int = 16, alpha: float = 
 
 def _init_lora(transformer: WanTransformer3DModel) -> None:
     """Draw the adapter's starting weights from torch's RNG with peft's own initializer (A
-    Kaiming-uniform as nn.Linear, B = 0), on the CPU. peft puts an adapter where its base layer
-    is: on a base built on the meta device (infra.sharded_load) it is allocated on the CPU here
-    first. peft drew (and, there, dropped) the same numbers before, so a seed gives the same
-    adapter however the base was loaded."""
+    Kaiming-uniform as nn.Linear, B = 0) where peft put them: on the base layer's device, except
+    on a base built on the meta device (infra.sharded_load), where they are allocated on the
+    CPU first. peft's own draws came before (and, on meta, were dropped), so a seed gives the
+    same adapter whether the base was loaded on the CPU or built on the meta device."""
     for module in transformer.modules():
         if isinstance(module, LoraLayer):
             for name in module.adapter_layer_names:
