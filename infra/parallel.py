@@ -70,7 +70,9 @@ def attention_backend(choice: str, device: torch.device) -> str:
 
 def set_attention(transformer: torch.nn.Module, choice: str) -> str:
     """Route every attention of the transformer through the chosen kernel; returns its name."""
-    device = next(transformer.parameters()).device
+    # The device of its first real parameter: a model built on the meta device for sharded
+    # loading (infra.sharded_load) has only its LoRA weights on the run's device at this point.
+    device = next(p.device for p in transformer.parameters() if not p.is_meta)
     backend = attention_backend(choice, device)
     transformer.set_attention_backend(backend)
     return backend

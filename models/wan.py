@@ -30,6 +30,7 @@ from typing import Any, Iterator
 
 import diffusers
 import torch
+from accelerate import init_empty_weights
 from diffusers import (
     AutoencoderKLWan,
     FlowMatchEulerDiscreteScheduler,
@@ -37,10 +38,13 @@ from diffusers import (
     WanPipeline,
     WanTransformer3DModel,
 )
+from diffusers.models.modeling_utils import no_init_weights
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
+from diffusers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFETENSORS_WEIGHTS_NAME
 from huggingface_hub import HfApi, snapshot_download
 from huggingface_hub import constants as hub_constants
 from peft import LoraConfig
+from peft.tuners.lora import LoraLayer
 from peft.utils import get_peft_model_state_dict
 from transformers import (
     AutoTokenizer,
@@ -212,6 +216,49 @@ def load_transformer(spec: WanSpec, subfolder: str = "transformer") -> WanTransf
                             use_safetensors=True)
 
 
+def empty_transformer(spec: WanSpec, subfolder: str = "transformer") -> WanTransformer3DModel:
+    """The denoiser as load_transformer builds it, without reading a weight: every parameter on
+    the meta device in the dtype load_transformer gives it (spec.dtype; float32 in the model's
+    `_keep_in_fp32_modules`), the non-persistent buffers (rope) computed, eval mode. Built the way
+    diffusers' from_pretrained builds a model before filling it (default dtype, no init,
+    accelerate's init_empty_weights), so it draws what load_transformer draws from torch's RNG
+    (`scale_shift_table` comes from torch.randn) and a LoRA added next starts from the same RNG
+    state. For loaders that fill the weights themselves (infra.sharded_load)."""
+    path = _resolve(spec, subfolder)
+    config = WanTransformer3DModel.load_config(path)
+    _check_kind(spec, subfolder, config)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(spec.torch_dtype)
+    try:
+        with no_init_weights(), init_empty_weights():
+            model = WanTransformer3DModel.from_config(config)
+    finally:
+        torch.set_default_dtype(default)
+    keep = WanTransformer3DModel._keep_in_fp32_modules or []
+    for name, param in model.named_parameters():  # diffusers' load_model_dict_into_meta rule
+        if any(module in name.split(".") for module in keep):
+            param.data = param.data.float()
+    return model.eval()
+
+
+def transformer_files(spec: WanSpec, subfolder: str = "transformer") -> list[Path]:
+    """The safetensors files load_transformer reads: the shards that the index
+    (diffusion_pytorch_model.safetensors.index.json) names, else the one
+    diffusion_pytorch_model.safetensors."""
+    folder = _resolve(spec, subfolder)
+    index = folder / SAFE_WEIGHTS_INDEX_NAME
+    if index.is_file():
+        weight_map = _read_json(spec, f"{subfolder}/{SAFE_WEIGHTS_INDEX_NAME}").get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise _missing(spec, subfolder, f"{str(index)!r} has no weight_map")
+        files = [folder / name for name in sorted(set(weight_map.values()))]
+    else:
+        files = [folder / SAFETENSORS_WEIGHTS_NAME]
+    if absent := [f.name for f in files if not f.is_file()]:
+        raise _missing(spec, subfolder, f"{str(folder)!r} has no {', '.join(absent)}")
+    return files
+
+
 def load_vae(spec: WanSpec) -> AutoencoderKLWan:
     """The video VAE, float32 (Wan's VAE is numerically fragile in bf16)."""
     return _from_pretrained(spec, "vae", AutoencoderKLWan, torch_dtype=torch.float32,
@@ -296,7 +343,8 @@ def add_lora(transformer: WanTransformer3DModel, rank: int = 16, alpha: float = 
              targets: tuple[str, ...] | list[str] = DEFAULT_TARGETS, dropout: float = 0.0) -> None:
     """Freeze the transformer and add a trainable LoRA adapter ("default") through diffusers' PEFT
     integration. LoRA weights are float32 whatever the base dtype: updates of lr ~5e-6 would
-    round away in bf16. B starts at zero, so the policy starts equal to the reference."""
+    round away in bf16. B starts at zero, so the policy starts equal to the reference. On a
+    transformer built on the meta device (empty_transformer) the adapter is on the CPU."""
     if rank < 1:
         raise ValueError(f"LoRA rank must be >= 1, got {rank}")
     transformer.requires_grad_(False)
@@ -304,6 +352,23 @@ def add_lora(transformer: WanTransformer3DModel, rank: int = 16, alpha: float = 
                                        lora_dropout=dropout, init_lora_weights=True))
     for p in lora_parameters(transformer):
         p.data = p.data.float()
+    _init_lora(transformer)
+
+
+def _init_lora(transformer: WanTransformer3DModel) -> None:
+    """Draw the adapter's starting weights from torch's RNG with peft's own initializer (A
+    Kaiming-uniform as nn.Linear, B = 0) where peft put them: on the base layer's device, except
+    on a base built on the meta device (infra.sharded_load), where they are allocated on the
+    CPU first. peft's own draws came before (and, on meta, were dropped), so a seed gives the
+    same adapter whether the base was loaded on the CPU or built on the meta device."""
+    for module in transformer.modules():
+        if isinstance(module, LoraLayer):
+            for name in module.adapter_layer_names:
+                adapters = getattr(module, name)
+                if any(p.is_meta for p in adapters.parameters()):
+                    adapters.to_empty(device="cpu")
+            for name in module.lora_A:
+                module.reset_lora_parameters(name, init_lora_weights=True)
 
 
 def lora_parameters(transformer: WanTransformer3DModel) -> list[torch.nn.Parameter]:

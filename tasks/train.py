@@ -50,6 +50,7 @@ import torch
 from diffusers import WanTransformer3DModel
 from torch import Tensor
 
+from infra import sharded_load
 from infra.checkpoint import ADAPTER_FILE, Checkpointer, save_final_adapter
 from infra.config import OptimizerConfig, TrainConfig, yaml_load
 from infra.config.train import RUN_CONTROL
@@ -321,6 +322,8 @@ class Trainer:
         self.step, self.skipped = 0, 0
 
     def _build_policy(self, spec: WanSpec) -> WanTransformer3DModel:
+        if sharded_load.applies(self.cfg.parallel, self.layout):  # FSDP: each rank its shard
+            return sharded_load.load_policy(spec, self.cfg.lora, self.cfg.parallel, self.layout)
         transformer = load_transformer(spec)
         lora = self.cfg.lora
         add_lora(transformer, rank=lora.rank, alpha=lora.alpha, targets=lora.targets,

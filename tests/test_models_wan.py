@@ -31,6 +31,7 @@ from models.wan import (
     WAN22_I2V_A14B,
     WanSpec,
     add_lora,
+    empty_transformer,
     load_image_encoder,
     load_pipeline,
     load_scheduler,
@@ -242,6 +243,33 @@ def test_add_lora_defaults_train_only_the_adapter(tiny: dict[str, str]) -> None:
     transformer(**_inputs(transformer))[0].float().square().mean().backward()
     assert all(p.grad is not None for p in lora_parameters(transformer))
     assert all(p.grad is None for name, p in params.items() if name not in trainable)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_empty_transformer_is_load_transformer_without_weights(tiny: dict[str, str],
+                                                              dtype: str) -> None:
+    """What sharded loading builds on (infra.sharded_load): the loaded model's names, shapes and
+    dtypes (float32 kept where diffusers keeps it), its rope buffers, and, after the same seed,
+    the same adapter, on the CPU."""
+    spec = WanSpec("i2v", tiny["i2v"], dtype=dtype)
+    torch.manual_seed(5)
+    loaded = load_transformer(spec)
+    add_lora(loaded, rank=4, alpha=8)
+    torch.manual_seed(5)
+    empty = empty_transformer(spec)
+    add_lora(empty, rank=4, alpha=8)
+
+    def layout(model: torch.nn.Module) -> dict[str, tuple]:
+        return {n: (p.shape, p.dtype) for n, p in model.named_parameters()}
+
+    assert layout(empty) == layout(loaded)
+    assert {p.dtype for p in loaded.parameters()} == {torch.float32, spec.torch_dtype}
+    assert all(p.is_meta for n, p in empty.named_parameters() if "lora_" not in n)
+    assert not empty.training
+    assert all(torch.equal(a, b) for a, b in zip(empty.buffers(), loaded.buffers(), strict=True))
+    assert all(torch.equal(a, b) for a, b in zip(lora_parameters(empty), lora_parameters(loaded),
+                                                 strict=True))
+    assert lora_parameters(loaded)[0].abs().sum() > 0  # A drawn, not left at zero
 
 
 def test_reference_mode_is_the_base_model_without_a_copy(tiny: dict[str, str]) -> None:
