@@ -21,8 +21,10 @@ one copy of the weights in memory. No distributed code here; parallelism is appl
 
 from __future__ import annotations
 
+import copy
 import json
 import re
+import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -306,15 +308,44 @@ def add_lora(transformer: WanTransformer3DModel, rank: int = 16, alpha: float = 
         p.data = p.data.float()
 
 
-def lora_parameters(transformer: WanTransformer3DModel) -> list[torch.nn.Parameter]:
-    """The adapter's parameters (the only ones that train)."""
-    return [p for name, p in transformer.named_parameters() if "lora_" in name]
+def lora_parameters(transformer: WanTransformer3DModel,
+                    adapter: str | None = "default") -> list[torch.nn.Parameter]:
+    """The parameters of one adapter: "default" is the one that trains; None = every adapter
+    (with a frozen reference adapter too, see add_reference_adapter)."""
+    return [p for name, p in transformer.named_parameters()
+            if "lora_" in name and (adapter is None or f".{adapter}." in name)]
+
+
+REFERENCE_ADAPTER = "reference"
+
+
+def add_reference_adapter(transformer: WanTransformer3DModel) -> None:
+    """A second adapter, frozen, with the trained adapter's LoraConfig: the reference when it is
+    the previous policy (Dual-IPO round r: base + round r−1's adapter) instead of the base.
+    Load its weights with infra.checkpoint.load_adapter(..., adapter=REFERENCE_ADAPTER);
+    `reference_mode` then activates it in place of disabling the adapters."""
+    with warnings.catch_warnings():  # peft warns that a second adapter is a second adapter
+        warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
+        transformer.add_adapter(copy.deepcopy(transformer.peft_config["default"]),
+                                REFERENCE_ADAPTER)
+    transformer.set_adapter("default")  # add_adapter activated the new one
+    for p in lora_parameters(transformer, REFERENCE_ADAPTER):
+        p.data = p.data.float()
+        p.requires_grad_(False)
 
 
 @contextmanager
 def reference_mode(transformer: WanTransformer3DModel) -> Iterator[WanTransformer3DModel]:
-    """Inside, the transformer is the frozen base model (adapters bypassed, bit-exact); the
-    adapters are re-enabled on exit even if the body raises. Use under torch.no_grad()."""
+    """Inside, the transformer is the reference: the frozen base model (adapters bypassed,
+    bit-exact), or base + the frozen reference adapter when there is one. The trained adapter
+    is active again on exit even if the body raises. Use under torch.no_grad()."""
+    if REFERENCE_ADAPTER in (getattr(transformer, "peft_config", None) or {}):
+        transformer.set_adapter(REFERENCE_ADAPTER)
+        try:
+            yield transformer
+        finally:  # peft's set_adapter: the active adapter trains, the others are frozen
+            transformer.set_adapter("default")
+        return
     transformer.disable_adapters()
     try:
         yield transformer
