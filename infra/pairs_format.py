@@ -12,6 +12,8 @@ written before Dual-IPO, holds pairs only):
   pointwise  a regdpo.video.v1 file: one video, its label in the row's `desirable` (bool);
              Diffusion-KTO trains on these directly (Dual-IPO's critic labels single videos)
   real       a regdpo.video.v1 file: one real (GT) clip, the NLL regulariser's data
+The precompute stage reads them from the pairs stage's rows (`kind`, and `video` /
+`desirable` for a single video, whose `pair_id` is its own id).
 """
 
 from __future__ import annotations

@@ -9,6 +9,9 @@ The step (docs/architecture.md, "Training: losses (exact)"; equation numbers fro
   reference (the same module with the adapter disabled, no grad); the loss is
   losses.preference_loss on the four errors (Eq. 2 for DPO, Eq. 6 for Reg-DPO, whose gradient
   is Eq. 5).
+Dual-IPO (docs/architecture.md): KTO on pointwise rows (one video, its own (t, ε), its label;
+losses.pointwise_loss), and NLL terms λ·mean e_θ on real clips drawn with each micro-batch
+and/or on the winners.
 
 Timesteps: an index is drawn uniformly from the training scheduler's 1000 timesteps
 (diffusers' FlowMatchEulerDiscreteScheduler with Wan's shift, models.wan.training_scheduler) and
@@ -306,7 +309,9 @@ def seed_everything(seed: int) -> None:
 
 
 class Trainer:
-    """Reg-DPO on a LoRA policy whose reference is the same module with the adapter disabled.
+    """Reg-DPO on a LoRA policy whose reference is the same module with the adapter disabled
+    (Dual-IPO: DPO or KTO, plus NLL terms; the policy may start from a previous round's
+    adapter, and the reference may be that policy, a second frozen adapter).
 
     Subclasses change the objective by overriding `forward_backward_step`, never the loop.
     Everything that can fail on the inputs (config, resume digest, pair files) fails in

@@ -342,3 +342,44 @@ def test_old_pairs_datasets_read_as_pairs(tiny, store) -> None:
     write_pairs(store, DATA, {"p0": random_pair(model, 2, 4, 4, g)})
     found = PairsDataset.open_kinds(store, DATA)
     assert list(found) == ["pair"] and found["pair"].ids == ["p0"]
+
+
+# ---------------------------------------------------------------------------------------
+# The writer and the reader of the format: precompute's single videos train
+# ---------------------------------------------------------------------------------------
+
+
+def test_precomputed_pointwise_and_real_videos_train_kto_with_nll(tiny, tmp_path) -> None:
+    """precompute_item on rows of kind pointwise and real (GT clips at the GT spec) writes
+    regdpo.video.v1 files; committed, the trainer opens them and a KTO + NLL step trains."""
+    from gt_clips import commit_gt_run
+    from infra.config import PrecomputeConfig
+    from models.runtime import encode_prompts
+    from tasks.precompute import precompute_item
+
+    url = f"file://{tmp_path}/store"
+    st = Store(url)
+    clips = commit_gt_run(url, "ipo", n=3, frames=9, short_edge=32)
+    cfg = PrecomputeConfig(model=tiny, kind="t2v", dtype="float32", short_edge=32)
+    texts = encode_prompts(st, WanSpec("t2v", tiny, "float32"), [c["prompt"] for c in clips], None)
+    model = {k: v for k, v in transformer_config(WanSpec("t2v", tiny)).items()
+             if k in ("in_channels", "out_channels", "text_dim", "image_dim", "patch_size")}
+    labels = [("pointwise", True), ("pointwise", False), ("real", None)]
+    rows = []
+    for clip, (kind, desirable) in zip(clips, labels):
+        row = clip | {"kind": kind, "desirable": desirable}
+        rows.append(precompute_item(st, f"items/precompute/{clip['id']}", {
+            "id": clip["id"], "row": row, "config": cfg.model_dump(),
+            "text_key": texts[clip["prompt"]], "model_config": model}))
+    assert [r["kind"] for r in rows] == ["pointwise", "pointwise", "real"]
+    assert [r["format"] for r in rows] == ["regdpo.video.v1"] * 3
+    st.commit_manifest(DATA, rows, {"stage": "precompute"})
+
+    found = PairsDataset.open_kinds(st, DATA)
+    assert {k: len(d) for k, d in found.items()} == {"pointwise": 2, "real": 1}
+    assert found["pointwise"].desirable == (True, False)
+    train_cfg = config(tiny, steps=1, batch_size=1,
+                       loss=dict(kind="kto", nll_lambda=0.5, nll_on="both"))
+    result = Trainer(train_cfg, st, "runs/ipo/train").train()
+    log = st.read_bytes("runs/ipo/train/metrics.jsonl").decode()
+    assert result["skipped"] == 0 and '"nll_real"' in log and '"kto_loss"' in log
