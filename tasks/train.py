@@ -352,8 +352,7 @@ class Trainer:
             self.optimizer, partial(lr_factor, cfg=o, total_steps=cfg.steps))
         self.cursor = DataCursor(seed=cfg.seed)
         self.real_cursor = DataCursor(seed=cfg.seed)
-        self._epoch_order: tuple[int, list[int]] = (-1, [])
-        self._real_order: tuple[int, list[int]] = (-1, [])
+        self._orders: dict[str, tuple[int, list[int]]] = {}  # tag -> (epoch, its permutation)
         self.guard = CollapseGuard(cfg.collapse_window, cfg.collapse_fraction)
         # Only the main rank writes; elsewhere these sinks swallow every call.
         self.log = self.layout.main_only(lambda: MetricsLog(store, self.out, cfg, run_name))
@@ -396,19 +395,13 @@ class Trainer:
     def _order(self, epoch: int, real: bool = False) -> list[int]:
         """The epoch's permutation of the pairs (or pointwise rows; `real`: of the real clips),
         a function of (shuffle seed, epoch) only."""
-        cached, dataset = ((self._real_order, self.real) if real
-                           else (self._epoch_order, self.dataset))
-        if cached[0] != epoch:
-            tag = "real-order" if real else "order"
+        tag, n = ("real-order", len(self.real)) if real else ("order", len(self.dataset))
+        if self._orders.get(tag, (-1,))[0] != epoch:
             g = torch.Generator().manual_seed(_seed(self.cursor.seed, tag, epoch))
-            order = (torch.randperm(len(dataset), generator=g).tolist() if self.cfg.shuffle
-                     else list(range(len(dataset))))
-            cached = (epoch, order)
-            if real:
-                self._real_order = cached
-            else:
-                self._epoch_order = cached
-        return cached[1]
+            order = (torch.randperm(n, generator=g).tolist() if self.cfg.shuffle
+                     else list(range(n)))
+            self._orders[tag] = (epoch, order)
+        return self._orders[tag][1]
 
     def next_batch(self) -> PairBatch | VideoBatch:
         """This rank's share of the next micro-batch (its dp slice), each row with its own

@@ -383,3 +383,29 @@ def test_precomputed_pointwise_and_real_videos_train_kto_with_nll(tiny, tmp_path
     result = Trainer(train_cfg, st, "runs/ipo/train").train()
     log = st.read_bytes("runs/ipo/train/metrics.jsonl").decode()
     assert result["skipped"] == 0 and '"nll_real"' in log and '"kto_loss"' in log
+
+
+def test_a_resume_continues_the_real_clips_where_they_were(tiny, store) -> None:
+    """The real clips' cursor is checkpointed with the main one: stopping after step 1 and
+    resuming gives step 2 the numbers of a run that never stopped (shuffled, 3 real clips in
+    batches of 2, so step 2 starts a new epoch of them)."""
+    rows(store, tiny, real=3)
+    cfg = config(tiny, shuffle=True, loss=dict(kind="kto", nll_lambda=0.5, nll_on="real"))
+    train(cfg, store, "runs/whole")
+
+    first = Trainer(cfg, store, "runs/stopped")
+    first.resume()
+    first.train_step()
+    first.step = 1
+    first.save_checkpoint()
+    Trainer(cfg, store, "runs/stopped").train()
+
+    def step2(out: str) -> dict:
+        import json
+
+        lines = [json.loads(x) for x in store.read_bytes(f"{out}/metrics.jsonl").decode().splitlines()]
+        line = next(x for x in lines if x["step"] == 2)
+        return {k: v for k, v in line.items() if k not in ("step_time", "peak_mem")}
+
+    assert step2("runs/stopped") == step2("runs/whole")
+    assert step2("runs/whole")["err_real"] > 0
