@@ -60,6 +60,7 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
           code=("tasks.pairs:negative_pairs", "tasks.pairs:held_out_rows",
                 "tasks.pairs:annotated_candidates", "tasks.pairs:import_pairs")),
     Stage("precompute", reads=("pairs",), code=("tasks.precompute:precompute_pair",
+                                                 "tasks.precompute:precompute_video",
                                                  "models.runtime:encode_prompts"),
           item="tasks.precompute:precompute_item"),
     Stage("train", reads=("precompute",), code=("tasks.train:Trainer",)),

@@ -20,6 +20,15 @@ from infra.store import Store
 STAGE = STAGES["precompute"]
 PAIR_FIELDS = ("pair_id", "gt_id", "prompt", "ref_image", "win", "lose", "mask", "generator",
                "bucket", "width", "height", "fps", "frames")
+# Dual-IPO's single videos (rows of kind pointwise or real, infra.pairs_format) add these; a
+# pair's fields, and so its item key, stay what they were.
+VIDEO_FIELDS = ("kind", "video", "desirable")
+
+
+def item_fields(row: dict) -> dict:
+    """The fields of a pairs-stage row that precompute reads (and keys its item on)."""
+    single = row.get("kind") in ("pointwise", "real")
+    return {k: row.get(k) for k in PAIR_FIELDS + (VIDEO_FIELDS if single else ())}
 
 
 @task(name="encode-prompts", cache_policy=NO_CACHE, retries=2,
@@ -81,16 +90,16 @@ def precompute(run: str = "toy", config: PrecomputeConfig | None = None,
     if cfg.model is None or cfg.kind is None:
         raise ValueError("precompute.model and precompute.kind are not set and there is no "
                          "train section to take them from: name the model that will train")
-    train = [{k: r.get(k) for k in PAIR_FIELDS} for r in s.rows("pairs")
-             if r.get("split") == "train"]
+    train = [item_fields(r) for r in s.rows("pairs") if r.get("split") == "train"]
     settings = cfg.model_dump(exclude={"workers", "device"}) | {"weights": encoder_weights(cfg)}
     if entry := s.reuse(settings):
         return entry
     transformer = model_config(cfg)
     keys = encode_prompts(s.store.url, cfg, [r["prompt"] for r in train])
     config_dump = cfg.model_dump()
-    work = [s.work({k: r[k] for k in PAIR_FIELDS}, settings, r["pair_id"],
-                   {"id": r["pair_id"], "source": r["win"], "row": r, "config": config_dump,
+    work = [s.work(r, settings, r["pair_id"],
+                   {"id": r["pair_id"], "source": r.get("video") or r["win"], "row": r,
+                    "config": config_dump,
                     "text_key": keys[r["prompt"]], "model_config": transformer}) for r in train]
     try:
         outputs = s.map(work, cfg.workers)

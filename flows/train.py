@@ -290,8 +290,12 @@ def train(run: str = "toy", config: TrainConfig | dict | None = None,
     data_success = st.read_success(data)  # raises, naming the dir, if the pairs never committed
     from models.runtime import weight_identity  # the base weights, not just their name
 
+    from infra.checkpoint import read_adapter  # the start adapter's bytes, not just its key
+
     weights = weight_identity(cfg.model, cfg.kind, cfg.dtype, "transformer")
-    settings = config_digest(cfg, data_success["manifest_sha256"])[1] | {"weights": weights}
+    adapter = read_adapter(st, cfg.init_adapter)[1] if cfg.init_adapter else None
+    settings = config_digest(cfg, data_success["manifest_sha256"], adapter)[1] | {
+        "weights": weights}
     if entry := s.reuse(settings, [output_digest(data_success)]):
         row = st.read_manifest(s.out)[0].to_pylist()[0]
         return entry | {k: row[k] for k in ("adapter", "metrics", "tensorboard", "fig2")}

@@ -14,6 +14,7 @@ torch.save and read back with `torch.load(weights_only=True)`: no arbitrary unpi
 
 from __future__ import annotations
 
+import hashlib
 import io
 import random
 import tempfile
@@ -60,17 +61,44 @@ def set_rng_state(state: dict[str, Any]) -> None:
                          n["has_gauss"], n["cached_gaussian"]))
 
 
-def load_adapter(transformer: torch.nn.Module, data: bytes, source: str) -> None:
-    """Load a `save_lora` file into the transformer's "default" adapter, strictly."""
+def load_adapter(transformer: torch.nn.Module, data: bytes, source: str,
+                 adapter: str = "default") -> None:
+    """Load a `save_lora` file into the transformer's adapter `adapter` ("default", the one
+    that trains, or a frozen reference adapter), strictly."""
     state = {k.removeprefix(_PREFIX): v for k, v in load_safetensors(data).items()}
-    result = set_peft_model_state_dict(transformer, state, adapter_name="default")
-    missing = [k for k in result.missing_keys if "lora_" in k]
-    if result.unexpected_keys or missing or len(state) != len(lora_parameters(transformer)):
+    expected = len(lora_parameters(transformer, adapter))
+    fix = "was it written with another train.lora rank/targets or another model?"
+    try:
+        result = set_peft_model_state_dict(transformer, state, adapter_name=adapter)
+    except RuntimeError as e:  # torch's load_state_dict: tensors of another shape (rank)
+        first = next((line.strip() for line in str(e).splitlines() if "size mismatch" in line),
+                     str(e)[:300])
+        raise ValueError(f"adapter {source} does not fit the model's LoRA: {first}; "
+                         f"{fix}") from None
+    missing = [k for k in result.missing_keys if "lora_" in k and f".{adapter}." in k]
+    if result.unexpected_keys or missing or len(state) != expected:
         raise ValueError(
             f"adapter {source} does not fit the model's LoRA: {len(state)} tensors for "
-            f"{len(lora_parameters(transformer))} LoRA weights, unexpected "
-            f"{result.unexpected_keys[:3]}, missing {missing[:3]}; was it written with another "
-            "train.lora rank/targets or another model?")
+            f"{expected} LoRA weights, unexpected "
+            f"{result.unexpected_keys[:3]}, missing {missing[:3]}; {fix}")
+
+
+def adapter_file(key: str) -> str:
+    """The adapter file's store key from a key that names it or the dir that holds it."""
+    return key if key.endswith(".safetensors") else join_key(key, ADAPTER_FILE)
+
+
+def read_adapter(store: Store, key: str) -> tuple[bytes, str]:
+    """(bytes, sha256) of the adapter at `key` (train.init_adapter): the sha256 is its identity
+    in keys. A missing file is an error naming the key and the fix."""
+    path = adapter_file(store.key_of(key))
+    try:
+        data = store.read_bytes(path)
+    except FileNotFoundError:
+        raise FileNotFoundError(
+            f"train.init_adapter: no adapter at {store.uri(path)}; give the store key of a "
+            f"train stage's adapter dir (…/adapter) or its {ADAPTER_FILE}") from None
+    return data, hashlib.sha256(data).hexdigest()
 
 
 def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:

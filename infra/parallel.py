@@ -109,7 +109,7 @@ def apply_fsdp(transformer: torch.nn.Module, layout: Layout) -> None:
     # FSDP warns that the root returns a view (diffusers' unpatchify): an in-place op on it
     # would skip a hook. The trainer only reads the prediction (losses.flow_error).
     warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
-    lora = set(lora_parameters(transformer))
+    lora = set(lora_parameters(transformer, adapter=None))  # a reference adapter too
     for block in transformer.blocks:
         fully_shard(block, mesh=layout.world_mesh, ignored_params=lora)
     # The root's weights (embeddings, head) are needed right after the last block: keep them.

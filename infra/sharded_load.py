@@ -21,6 +21,7 @@ pages that hold its rows, one slice in flight), not the model (tests/test_sharde
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -38,14 +39,18 @@ def applies(cfg: ParallelConfig, layout: Layout) -> bool:
     return cfg.fsdp and layout.world > 1
 
 
-def load_policy(spec: WanSpec, lora: LoraSection, cfg: ParallelConfig,
-                layout: Layout) -> WanTransformer3DModel:
+def load_policy(spec: WanSpec, lora: LoraSection, cfg: ParallelConfig, layout: Layout,
+                adapt: Callable[[WanTransformer3DModel], None] | None = None
+                ) -> WanTransformer3DModel:
     """The LoRA-wrapped, parallelized transformer of the plain path (load_transformer, add_lora,
-    parallelize), each rank holding only its FSDP shard of the base."""
+    `adapt`, parallelize), each rank holding only its FSDP shard of the base. `adapt` sees the
+    adapters on the CPU before anything moves or shards (a start adapter, a reference adapter)."""
     files = _checkpoint_files(spec)
     transformer = empty_transformer(spec)
     add_lora(transformer, rank=lora.rank, alpha=lora.alpha, targets=lora.targets,
              dropout=lora.dropout)
+    if adapt is not None:
+        adapt(transformer)
     device = layout.device
     transformer._apply(lambda t: t if t.is_meta else t.to(device))  # adapter, rope buffers
     parallelize(transformer, cfg, layout)

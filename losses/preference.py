@@ -133,13 +133,47 @@ def kto_loss(err: Tensor, ref: Tensor, desirable: Tensor, *, beta: float = 500.0
     return loss, _floats(**stats)
 
 
-def add_nll(loss: Tensor, metrics: Metrics, err_real: Tensor, *,
-            nll_lambda: float) -> tuple[Tensor, Metrics]:
-    """Dual-IPO's NLL regulariser: loss + λ·mean(e_θ) on real videos (keeps them likely)."""
-    _check_errors(err_real=err_real)
-    nll_term = nll_lambda * err_real.mean()
+def add_nll(loss: Tensor, metrics: Metrics, err: Tensor, *, nll_lambda: float,
+            on: str = "real", where: Tensor | None = None) -> tuple[Tensor, Metrics]:
+    """Dual-IPO's NLL regulariser: loss + λ·mean(e_θ) over the samples `err` (`on` names them:
+    real videos, or the winners). The flow-matching error is the diffusion model's negative
+    log-likelihood bound up to constants, so lowering it keeps those videos likely.
+
+    `where` (bool, like err) restricts the mean to the marked samples; with none marked the
+    term is 0 (a KTO batch without a desirable sample). Metrics: nll_term (the sum of every
+    NLL term added so far), nll_<on> (this term) and err_<on> (the mean error it weighs).
+    """
+    _check_errors(**{f"err_{on}": err})
+    if where is None:
+        mean = err.mean()
+    else:
+        weights = where.to(err.dtype)
+        mean = (err * weights).sum() / weights.sum().clamp(min=1)
+    nll_term = nll_lambda * mean
     total = loss + nll_term
-    return total, metrics | _floats(loss=total, nll_term=nll_term, err_real=err_real.mean())
+    before = metrics.get("nll_term", 0.0)
+    new = _floats(loss=total, nll_term=nll_term, **{f"nll_{on}": nll_term, f"err_{on}": mean})
+    return total, metrics | new | {"nll_term": before + new["nll_term"]}
+
+
+def nll_terms(cfg: PreferenceLoss, loss: Tensor, metrics: Metrics, winners: Tensor,
+              err_real: Tensor | None, *, where: Tensor | None = None) -> tuple[Tensor, Metrics]:
+    """The configured NLL terms (train.loss.nll_on): λ·mean e_θ on real videos, on the winners
+    (`winners`, restricted to `where` when given), or one term on each; nothing when λ = 0."""
+    if cfg.nll_lambda <= 0:
+        return loss, metrics
+    if cfg.nll_on in ("real", "both"):
+        if err_real is None:
+            raise ValueError(
+                f"train.loss.nll_lambda = {cfg.nll_lambda} with nll_on {cfg.nll_on!r} needs "
+                "err_real, the policy's errors on real videos; pass them, set nll_on to "
+                "'winners', or set nll_lambda to 0"
+            )
+        loss, metrics = add_nll(loss, metrics, err_real, nll_lambda=cfg.nll_lambda)
+    if cfg.nll_on in ("winners", "both"):
+        loss, metrics = add_nll(loss, metrics, winners, nll_lambda=cfg.nll_lambda,
+                                on="winners", where=where)
+    return loss, metrics
 
 
 def preference_loss(cfg: PreferenceLoss, err_w: Tensor, err_l: Tensor, ref_w: Tensor,
@@ -149,7 +183,7 @@ def preference_loss(cfg: PreferenceLoss, err_w: Tensor, err_l: Tensor, ref_w: Te
     For kind="region" compute all four errors with `masked_error` and the pair's mask. For
     kind="kto" the winners are the desirable samples and the losers the undesirable ones, so
     err_w and err_l may differ in length. `err_real` (policy errors on real videos) is needed
-    when nll_lambda > 0.
+    when nll_lambda > 0 and nll_on is real or both; the winners' NLL term uses err_w.
     """
     if cfg.kind == "regdpo":
         loss, metrics = regdpo_loss(err_w, err_l, ref_w, ref_l, beta=cfg.beta, r=cfg.r, k=cfg.k)
@@ -167,14 +201,20 @@ def preference_loss(cfg: PreferenceLoss, err_w: Tensor, err_l: Tensor, ref_w: Te
         loss, metrics = kto_loss(torch.cat([err_w, err_l]), torch.cat([ref_w, ref_l]), desirable,
                                  beta=cfg.beta, desirable_weight=cfg.kto_desirable_weight,
                                  undesirable_weight=cfg.kto_undesirable_weight)
-    if cfg.nll_lambda > 0:
-        if err_real is None:
-            raise ValueError(
-                f"train.loss.nll_lambda = {cfg.nll_lambda} needs err_real, the policy's errors "
-                "on real videos; pass them or set nll_lambda to 0"
-            )
-        loss, metrics = add_nll(loss, metrics, err_real, nll_lambda=cfg.nll_lambda)
-    return loss, metrics
+    return nll_terms(cfg, loss, metrics, err_w, err_real)
+
+
+def pointwise_loss(cfg: PreferenceLoss, err: Tensor, ref: Tensor, desirable: Tensor, *,
+                   err_real: Tensor | None = None) -> tuple[Tensor, Metrics]:
+    """Diffusion-KTO on single labelled videos (Dual-IPO's pointwise rows): kto_loss on the [B]
+    errors and labels, plus the configured NLL terms (the winners are the desirable samples)."""
+    if cfg.kind != "kto":
+        raise ValueError(f"pointwise rows train kind 'kto' only, not {cfg.kind!r}: set "
+                         "train.loss.kind: kto, or train on pairs")
+    loss, metrics = kto_loss(err, ref, desirable, beta=cfg.beta,
+                             desirable_weight=cfg.kto_desirable_weight,
+                             undesirable_weight=cfg.kto_undesirable_weight)
+    return nll_terms(cfg, loss, metrics, err, err_real, where=desirable)
 
 
 def _pair_stats(err_w: Tensor, err_l: Tensor, ref_w: Tensor, ref_l: Tensor,

@@ -21,8 +21,10 @@ one copy of the weights in memory. No distributed code here; parallelism is appl
 
 from __future__ import annotations
 
+import copy
 import json
 import re
+import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -361,25 +363,64 @@ def _init_lora(transformer: WanTransformer3DModel) -> None:
     on a base built on the meta device (infra.sharded_load), where they are allocated on the
     CPU first. peft's own draws came before (and, on meta, were dropped), so a seed gives the
     same adapter whether the base was loaded on the CPU or built on the meta device."""
+    _materialize_meta_adapters(transformer)
     for module in transformer.modules():
         if isinstance(module, LoraLayer):
-            for name in module.adapter_layer_names:
-                adapters = getattr(module, name)
-                if any(p.is_meta for p in adapters.parameters()):
-                    adapters.to_empty(device="cpu")
             for name in module.lora_A:
                 module.reset_lora_parameters(name, init_lora_weights=True)
 
 
-def lora_parameters(transformer: WanTransformer3DModel) -> list[torch.nn.Parameter]:
-    """The adapter's parameters (the only ones that train)."""
-    return [p for name, p in transformer.named_parameters() if "lora_" in name]
+def _materialize_meta_adapters(transformer: WanTransformer3DModel) -> None:
+    """Allocate (uninitialized, on the CPU) every adapter weight peft left on the meta device
+    because its base layer is there; adapters that already hold values keep them."""
+    for module in transformer.modules():
+        if isinstance(module, LoraLayer):
+            for name in module.adapter_layer_names:
+                for adapter in getattr(module, name).values():
+                    if isinstance(adapter, torch.nn.Module) and any(
+                            p.is_meta for p in adapter.parameters()):
+                        adapter.to_empty(device="cpu")
+
+
+def lora_parameters(transformer: WanTransformer3DModel,
+                    adapter: str | None = "default") -> list[torch.nn.Parameter]:
+    """The parameters of one adapter: "default" is the one that trains; None = every adapter
+    (with a frozen reference adapter too, see add_reference_adapter)."""
+    return [p for name, p in transformer.named_parameters()
+            if "lora_" in name and (adapter is None or f".{adapter}." in name)]
+
+
+REFERENCE_ADAPTER = "reference"
+
+
+def add_reference_adapter(transformer: WanTransformer3DModel) -> None:
+    """A second adapter, frozen, with the trained adapter's LoraConfig: the reference when it is
+    the previous policy (Dual-IPO round r: base + round r−1's adapter) instead of the base.
+    Load its weights with infra.checkpoint.load_adapter(..., adapter=REFERENCE_ADAPTER);
+    `reference_mode` then activates it in place of disabling the adapters."""
+    with warnings.catch_warnings():  # peft warns that a second adapter is a second adapter
+        warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
+        transformer.add_adapter(copy.deepcopy(transformer.peft_config["default"]),
+                                REFERENCE_ADAPTER)
+    transformer.set_adapter("default")  # add_adapter activated the new one
+    _materialize_meta_adapters(transformer)  # a meta base (sharded loading): load fills it next
+    for p in lora_parameters(transformer, REFERENCE_ADAPTER):
+        p.data = p.data.float()
+        p.requires_grad_(False)
 
 
 @contextmanager
 def reference_mode(transformer: WanTransformer3DModel) -> Iterator[WanTransformer3DModel]:
-    """Inside, the transformer is the frozen base model (adapters bypassed, bit-exact); the
-    adapters are re-enabled on exit even if the body raises. Use under torch.no_grad()."""
+    """Inside, the transformer is the reference: the frozen base model (adapters bypassed,
+    bit-exact), or base + the frozen reference adapter when there is one. The trained adapter
+    is active again on exit even if the body raises. Use under torch.no_grad()."""
+    if REFERENCE_ADAPTER in (getattr(transformer, "peft_config", None) or {}):
+        transformer.set_adapter(REFERENCE_ADAPTER)
+        try:
+            yield transformer
+        finally:  # peft's set_adapter: the active adapter trains, the others are frozen
+            transformer.set_adapter("default")
+        return
     transformer.disable_adapters()
     try:
         yield transformer

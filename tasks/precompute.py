@@ -7,6 +7,9 @@ Per train pair, one regdpo.pairs.v1 file (infra/pairs_format.py):
                  (WanImageToVideoPipeline.prepare_latents)
   image_embeds   Wan2.1 I2V: CLIP penultimate hidden states of the reference frame
   mask           LocalDPO pairs: the corrupted region, resampled to this latent grid
+Per single video (Dual-IPO: a pointwise row with its critic label, or a real GT clip for the
+NLL term; the row's `kind`), one regdpo.video.v1 file: `latent` in place of win/lose, the same
+conditioning (from the video's reference frame for I2V).
 
 Each piece is content-addressed in the store (`cache/encoded/<what>/<digest>.safetensors`, the
 digest of the input bytes, the encoder's identity, the size and the code that computes it,
@@ -28,7 +31,8 @@ from infra.code import code_digest
 from infra.config import PrecomputeConfig
 from infra.encoded import cached, encoded_key, read_tensor, sha256_of
 from infra.gtspec import size_in_bucket
-from infra.pairs_format import PAIRS_FORMAT, check_pair, pair_bytes
+from infra.pairs_format import (PAIRS_FORMAT, VIDEO_FORMAT, VIDEO_LATENTS, check_pair,
+                                 pair_bytes, video_bytes)
 from infra.store import Store
 from infra.video import probe, read_frames, reference_image
 from models import wan
@@ -134,13 +138,9 @@ def precompute_pair(store: Store, row: dict, cfg: PrecomputeConfig, text_key: st
     spec = wan.WanSpec(cfg.kind, cfg.model, cfg.dtype)  # type: ignore[arg-type]
     device = torch_device(cfg.device)
     size = encode_size(row, cfg)
-    tensors = {"prompt_embeds": read_tensor(store, text_key),
-               "win": video_latent(store, spec, row["win"], row, size, device),
-               "lose": video_latent(store, spec, row["lose"], row, size, device)}
-    if spec.kind != "t2v":
-        tensors["cond"] = i2v_condition(store, spec, row["ref_image"], size, device)
-    if spec.kind == "i2v":
-        tensors["image_embeds"] = clip_embedding(store, spec, row["ref_image"], device)
+    tensors = {"win": video_latent(store, spec, row["win"], row, size, device),
+               "lose": video_latent(store, spec, row["lose"], row, size, device),
+               **conditioning(store, spec, row, size, device, text_key)}
     if row.get("mask"):
         mask = load_safetensors(store.read_bytes(store.key_of(row["mask"])))["mask"]
         tensors["mask"] = resample_mask(mask, tuple(tensors["win"].shape))
@@ -154,6 +154,43 @@ def precompute_pair(store: Store, row: dict, cfg: PrecomputeConfig, text_key: st
     width, height, frames = size
     return {"status": "ok", "reason": "", "latents": uri, "format": PAIRS_FORMAT,
             "latent_shape": list(tensors["win"].shape), "encode_width": width,
+            "encode_height": height, "encode_frames": frames}
+
+
+def conditioning(store: Store, spec: wan.WanSpec, row: dict, size: tuple[int, int, int],
+                 device: torch.device, text_key: str) -> dict[str, torch.Tensor]:
+    """What the transformer is conditioned on: the prompt's embedding, and for I2V the
+    first-frame condition (and Wan2.1's CLIP tokens) of the row's reference frame."""
+    tensors = {"prompt_embeds": read_tensor(store, text_key)}
+    if spec.kind != "t2v":
+        tensors["cond"] = i2v_condition(store, spec, row["ref_image"], size, device)
+    if spec.kind == "i2v":
+        tensors["image_embeds"] = clip_embedding(store, spec, row["ref_image"], device)
+    return tensors
+
+
+def precompute_video(store: Store, row: dict, cfg: PrecomputeConfig, text_key: str,
+                     model_config: dict, out_key: str) -> dict:
+    """Encode one single video (row `kind` pointwise, with its `desirable` label, or real) into
+    a regdpo.video.v1 file at `out_key`; returns row fields."""
+    spec = wan.WanSpec(cfg.kind, cfg.model, cfg.dtype)  # type: ignore[arg-type]
+    device, size = torch_device(cfg.device), encode_size(row, cfg)
+    tensors = {"latent": video_latent(store, spec, row["video"], row, size, device),
+               **conditioning(store, spec, row, size, device, text_key)}
+    dtype = getattr(torch, cfg.save_dtype)
+    tensors = {k: v.to(dtype).contiguous() for k, v in tensors.items()}
+    header = {k: (_SAFETENSORS_DTYPE[v.dtype], tuple(v.shape)) for k, v in tensors.items()}
+    if problems := check_pair(header, model_config, need_mask=False, latents=VIDEO_LATENTS):
+        raise ValueError(f"{row['kind']} video {row['video']} does not fit {cfg.model!r} "
+                         f"({cfg.kind}): " + "; ".join(problems))
+    if row["kind"] == "pointwise" and not isinstance(row.get("desirable"), bool):
+        raise ValueError(f"pointwise row for {row['video']} has desirable="
+                         f"{row.get('desirable')!r}, not a bool: the pairs stage labels it")
+    uri = store.write_bytes(out_key, video_bytes(tensors))
+    width, height, frames = size
+    return {"status": "ok", "reason": "", "kind": row["kind"], "latents": uri,
+            "format": VIDEO_FORMAT, "desirable": row.get("desirable"),
+            "latent_shape": list(tensors["latent"].shape), "encode_width": width,
             "encode_height": height, "encode_frames": frames}
 
 
@@ -184,8 +221,13 @@ def check_encoders(spec: wan.WanSpec, model_config: dict) -> None:
 
 
 def precompute_item(store: Store, out_dir: str, payload: dict) -> dict:
-    """The precompute stage's item: one train pair's regdpo.pairs.v1 file in `out_dir`."""
+    """The precompute stage's item: one train pair's regdpo.pairs.v1 file in `out_dir` (a row
+    of kind pointwise or real: one video's regdpo.video.v1 file)."""
     cfg = PrecomputeConfig.model_validate(payload["config"])
+    if payload["row"].get("kind") in ("pointwise", "real"):
+        return {"id": payload["id"]} | precompute_video(
+            store, payload["row"], cfg, payload["text_key"], payload["model_config"],
+            f"{out_dir}/video.safetensors")
     out = precompute_pair(store, payload["row"], cfg, payload["text_key"], payload["model_config"],
                           f"{out_dir}/pair.safetensors")
     return {"id": payload["row"]["pair_id"]} | out

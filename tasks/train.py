@@ -9,6 +9,9 @@ The step (docs/architecture.md, "Training: losses (exact)"; equation numbers fro
   reference (the same module with the adapter disabled, no grad); the loss is
   losses.preference_loss on the four errors (Eq. 2 for DPO, Eq. 6 for Reg-DPO, whose gradient
   is Eq. 5).
+Dual-IPO (docs/architecture.md): KTO on pointwise rows (one video, its own (t, ε), its label;
+losses.pointwise_loss), and NLL terms λ·mean e_θ on real clips drawn with each micro-batch
+and/or on the winners.
 
 Timesteps: an index is drawn uniformly from the training scheduler's 1000 timesteps
 (diffusers' FlowMatchEulerDiscreteScheduler with Wan's shift, models.wan.training_scheduler) and
@@ -51,7 +54,8 @@ from diffusers import WanTransformer3DModel
 from torch import Tensor
 
 from infra import sharded_load
-from infra.checkpoint import ADAPTER_FILE, Checkpointer, save_final_adapter
+from infra.checkpoint import (ADAPTER_FILE, Checkpointer, load_adapter, read_adapter,
+                              save_final_adapter)
 from infra.config import OptimizerConfig, TrainConfig, yaml_load
 from infra.config.train import RUN_CONTROL
 from infra.distributed import Layout, check_grid, shutdown
@@ -60,11 +64,13 @@ from infra.progress import Progress
 from infra.parallel import autocast, pair_forward, parallelize
 from infra.store import Store, digest, join_key
 from infra.tracking import make_trackers, scalars
-from losses import flow_error, masked_error, preference_loss
+from losses import flow_error, masked_error, pointwise_loss, preference_loss
 from models.wan import (
+    REFERENCE_ADAPTER,
     WanSpec,
     transformer_config,
     add_lora,
+    add_reference_adapter,
     load_transformer,
     lora_parameters,
     reference_mode,
@@ -86,10 +92,15 @@ def check_launch(cfg: TrainConfig, nproc: int) -> int:
     return dp
 
 
-def config_digest(cfg: TrainConfig, data_sha256: str) -> tuple[str, dict[str, Any]]:
-    """(digest, the config it covers): every field that shapes the loss curve, plus the data."""
+def config_digest(cfg: TrainConfig, data_sha256: str,
+                  adapter_sha256: str | None = None) -> tuple[str, dict[str, Any]]:
+    """(digest, the config it covers): every field that shapes the loss curve, plus the data
+    and, when the policy starts from train.init_adapter, that adapter's sha256 (its identity:
+    the weights, not the key they sit at)."""
     config = {k: v for k, v in cfg.model_dump(mode="json").items() if k not in RUN_CONTROL}
     config["data_sha256"] = data_sha256
+    if adapter_sha256 is not None:
+        config["init_adapter_sha256"] = adapter_sha256
     return digest(config), config
 
 
@@ -121,6 +132,27 @@ class DataCursor:
 
 
 @dataclass
+class VideoBatch:
+    """B single videos stacked (Dual-IPO's pointwise rows, or the real clips of the NLL
+    term), each with its own (t, ε)."""
+
+    latent: Tensor  # [B, C, F, H, W]
+    prompt_embeds: Tensor  # [B, 512, D]
+    noise: Tensor  # ε, [B, C, F, H, W]
+    sigma: Tensor  # σ_t, [B]
+    timestep: Tensor  # t, [B]
+    desirable: Tensor | None = None  # [B] bool, pointwise rows only
+    cond: Tensor | None = None
+    image_embeds: Tensor | None = None
+    mask: Tensor | None = None  # never set: the region loss is a pair loss
+    real: "VideoBatch | None" = None  # the real clips drawn with this micro-batch (NLL)
+
+    @property
+    def size(self) -> int:
+        return self.latent.shape[0]
+
+
+@dataclass
 class PairBatch:
     """B pairs stacked, with each pair's shared (t, ε)."""
 
@@ -133,6 +165,7 @@ class PairBatch:
     cond: Tensor | None = None
     image_embeds: Tensor | None = None
     mask: Tensor | None = None
+    real: VideoBatch | None = None  # the real clips drawn with this micro-batch (NLL)
 
     @property
     def size(self) -> int:
@@ -240,7 +273,7 @@ class MetricsLog:
 
 # The metrics of the progress line, in its order (the ones a loss does not log are left out).
 BRIEF = {"loss": "loss", "dpo_loss": "L_dpo", "sft_term": "L_sft", "kto_loss": "L_kto",
-         "dgr": "DGR", "win_gap": "win_gap", "lose_gap": "lose_gap"}
+         "nll_term": "L_nll", "dgr": "DGR", "win_gap": "win_gap", "lose_gap": "lose_gap"}
 
 
 def _brief(metrics: Metrics) -> str:
@@ -277,7 +310,9 @@ def seed_everything(seed: int) -> None:
 
 
 class Trainer:
-    """Reg-DPO on a LoRA policy whose reference is the same module with the adapter disabled.
+    """Reg-DPO on a LoRA policy whose reference is the same module with the adapter disabled
+    (Dual-IPO: DPO or KTO, plus NLL terms; the policy may start from a previous round's
+    adapter, and the reference may be that policy, a second frozen adapter).
 
     Subclasses change the objective by overriding `forward_backward_step`, never the loop.
     Everything that can fail on the inputs (config, resume digest, pair files) fails in
@@ -295,14 +330,18 @@ class Trainer:
         self.layout = layout or Layout.from_env(p.pair_degree, p.context_parallel, cfg.device)
         self.device = self.layout.device
         check_launch(cfg, self.layout.world)
-        self.dataset = PairsDataset.open(store, cfg.data)
-        self.checkpointer = Checkpointer(store, f"{self.out}/checkpoints",
-                                         *config_digest(cfg, self.dataset.sha256))
+        self.dataset, self.real = self._open_data()
+        self.init_adapter = read_adapter(store, cfg.init_adapter) if cfg.init_adapter else None
+        self.checkpointer = Checkpointer(store, f"{self.out}/checkpoints", *config_digest(
+            cfg, self.dataset.sha256, self.init_adapter and self.init_adapter[1]))
         if cfg.checkpoint.resume:
             self.checkpointer.latest_step()  # a checkpoint of another config fails here
         spec = WanSpec(cfg.kind, cfg.model, cfg.dtype)
         self.dataset.validate(transformer_config(spec), need_mask=cfg.loss.kind == "region",
                               batch_size=cfg.batch_size)
+        if self.real is not None:
+            self.real.validate(transformer_config(spec), need_mask=False,
+                               batch_size=cfg.batch_size)
         seed_everything(cfg.seed)
         self.transformer = self._build_policy(spec)
         scheduler = training_scheduler(spec, cfg.shift)
@@ -313,7 +352,8 @@ class Trainer:
         self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, partial(lr_factor, cfg=o, total_steps=cfg.steps))
         self.cursor = DataCursor(seed=cfg.seed)
-        self._epoch_order: tuple[int, list[int]] = (-1, [])
+        self.real_cursor = DataCursor(seed=cfg.seed)
+        self._orders: dict[str, tuple[int, list[int]]] = {}  # tag -> (epoch, its permutation)
         self.guard = CollapseGuard(cfg.collapse_window, cfg.collapse_fraction)
         # Only the main rank writes; elsewhere these sinks swallow every call.
         self.log = self.layout.main_only(lambda: MetricsLog(store, self.out, cfg, run_name))
@@ -323,42 +363,83 @@ class Trainer:
 
     def _build_policy(self, spec: WanSpec) -> WanTransformer3DModel:
         if sharded_load.applies(self.cfg.parallel, self.layout):  # FSDP: each rank its shard
-            return sharded_load.load_policy(spec, self.cfg.lora, self.cfg.parallel, self.layout)
+            return sharded_load.load_policy(spec, self.cfg.lora, self.cfg.parallel, self.layout,
+                                            adapt=self._start_from_adapter)
         transformer = load_transformer(spec)
         lora = self.cfg.lora
         add_lora(transformer, rank=lora.rank, alpha=lora.alpha, targets=lora.targets,
                  dropout=lora.dropout)
+        self._start_from_adapter(transformer)
         return parallelize(transformer.to(self.device), self.cfg.parallel, self.layout)
+
+    def _open_data(self) -> tuple[PairsDataset, PairsDataset | None]:
+        """(the rows the preference term trains on, the real clips of the NLL term or None),
+        after checking train.data has every row kind the config needs (train.loss)."""
+        found = PairsDataset.open_kinds(self.store, self.cfg.data)
+        self.cfg.check_rows({k: len(d) for k, d in found.items()}, self.store.uri(self.cfg.data))
+        kinds = self.cfg.row_kinds()
+        main = found["pair" if "pair" in kinds else "pointwise"]
+        return main, found["real"] if "real" in kinds else None
+
+    def _start_from_adapter(self, transformer: WanTransformer3DModel) -> None:
+        """Dual-IPO round r: the policy starts from train.init_adapter (round r−1's adapter);
+        with train.reference: previous, the same weights also go into a second, frozen adapter
+        that reference_mode activates. Without init_adapter the reference is the base."""
+        if self.init_adapter is None:
+            return
+        data, sha = self.init_adapter
+        source = f"train.init_adapter {self.cfg.init_adapter} (sha256 {sha[:12]})"
+        load_adapter(transformer, data, source)
+        if self.cfg.reference == "previous":
+            add_reference_adapter(transformer)
+            load_adapter(transformer, data, source, adapter=REFERENCE_ADAPTER)
 
     # -- data ----------------------------------------------------------------------------
 
-    def _order(self, epoch: int) -> list[int]:
-        """The epoch's permutation of the pairs, a function of (shuffle seed, epoch) only."""
-        if self._epoch_order[0] != epoch:
-            g = torch.Generator().manual_seed(_seed(self.cursor.seed, "order", epoch))
-            order = (torch.randperm(len(self.dataset), generator=g).tolist() if self.cfg.shuffle
-                     else list(range(len(self.dataset))))
-            self._epoch_order = (epoch, order)
-        return self._epoch_order[1]
+    def _order(self, epoch: int, real: bool = False) -> list[int]:
+        """The epoch's permutation of the pairs (or pointwise rows; `real`: of the real clips),
+        a function of (shuffle seed, epoch) only."""
+        tag, n = ("real-order", len(self.real)) if real else ("order", len(self.dataset))
+        if self._orders.get(tag, (-1,))[0] != epoch:
+            g = torch.Generator().manual_seed(_seed(self.cursor.seed, tag, epoch))
+            order = (torch.randperm(n, generator=g).tolist() if self.cfg.shuffle
+                     else list(range(n)))
+            self._orders[tag] = (epoch, order)
+        return self._orders[tag][1]
 
-    def next_batch(self) -> PairBatch:
-        """This rank's share of the next micro-batch (its dp slice), each pair with its own
-        (t, ε) drawn from its own seed."""
-        slots = self.cursor.take(self.cfg.batch_size, len(self.dataset))
+    def next_batch(self) -> PairBatch | VideoBatch:
+        """This rank's share of the next micro-batch (its dp slice), each row with its own
+        (t, ε) drawn from its own seed: pairs (or pointwise rows), and as many real clips
+        from their own cursor when the NLL term is on real videos."""
+        batch = self._draw(self.dataset, self.cursor, "noise", self._order)
+        if self.real is not None:
+            batch.real = self._draw(self.real, self.real_cursor, "real-noise",
+                                    partial(self._order, real=True))
+        return batch
+
+    def _draw(self, dataset: PairsDataset, cursor: DataCursor, tag: str,
+              order: Callable[[int], list[int]]) -> PairBatch | VideoBatch:
+        slots = cursor.take(self.cfg.batch_size, len(dataset))
         share = len(slots) // self.layout.dp
         slots = slots[self.layout.local("dp") * share:][:share]
-        pairs = [self.dataset.load(self._order(epoch)[pos]) for epoch, pos in slots]
+        rows = [order(epoch)[pos] for epoch, pos in slots]
+        items = [dataset.load(i) for i in rows]
         sigma, timestep, noise = [], [], []
-        for (epoch, pos), pair in zip(slots, pairs):
-            g = torch.Generator().manual_seed(_seed(self.cursor.seed, "noise", epoch, pos))
+        for (epoch, pos), item in zip(slots, items):
+            g = torch.Generator().manual_seed(_seed(cursor.seed, tag, epoch, pos))
             i = int(torch.randint(len(self.timesteps), (1,), generator=g))
             sigma.append(self.sigmas[i])
             timestep.append(self.timesteps[i])
-            noise.append(torch.randn(pair["win"].shape, generator=g))
-        stacked = {k: torch.stack([p[k] for p in pairs]).to(self.device) for k in pairs[0]}
-        return PairBatch(**stacked, noise=torch.stack(noise).to(self.device),
-                         sigma=torch.stack(sigma).to(self.device),
-                         timestep=torch.stack(timestep).to(self.device))
+            noise.append(torch.randn(item[dataset.latents[0]].shape, generator=g))
+        stacked = {k: torch.stack([p[k] for p in items]).to(self.device) for k in items[0]}
+        drawn = dict(noise=torch.stack(noise).to(self.device),
+                     sigma=torch.stack(sigma).to(self.device),
+                     timestep=torch.stack(timestep).to(self.device))
+        if dataset.kind == "pair":
+            return PairBatch(**stacked, **drawn)
+        desirable = (torch.tensor([dataset.desirable[i] for i in rows], device=self.device)
+                     if dataset.kind == "pointwise" else None)
+        return VideoBatch(**stacked, **drawn, desirable=desirable)
 
     # -- one step ------------------------------------------------------------------------
 
@@ -379,13 +460,17 @@ class Trainer:
                 encoder_hidden_states=tile(batch.prompt_embeds).to(dtype),
                 encoder_hidden_states_image=None if image is None else image.to(dtype),
                 return_dict=False)[0]
-        if self.cfg.loss.kind == "region":  # LocalDPO: errors over the corrupted region only
+        if self.cfg.loss.kind == "region" and batch.mask is not None:  # LocalDPO: errors
+            # over the corrupted region only (a real clip of the NLL term has no region)
             return masked_error(pred, y, tile(batch.mask))
         return flow_error(pred, y)
 
-    def forward_backward_step(self, batch: PairBatch, scale: float) -> Metrics:
+    def forward_backward_step(self, batch: PairBatch | VideoBatch, scale: float) -> Metrics:
         """One micro-batch: noise both sides with the pair's shared (t, ε), the reference and
-        policy errors, the preference loss (Eq. 2 / Eq. 6), backward of loss·scale."""
+        policy errors, the preference loss (Eq. 2 / Eq. 6), backward of loss·scale. Pointwise
+        rows: KTO on each video's errors; real clips (NLL term): the policy's errors only."""
+        if isinstance(batch, VideoBatch):
+            return self.pointwise_step(batch, scale)
         sigma = batch.sigma.view(-1, 1, 1, 1, 1)
         win = ((1 - sigma) * batch.win + sigma * batch.noise, batch.noise - batch.win)
         lose = ((1 - sigma) * batch.lose + sigma * batch.noise, batch.noise - batch.lose)
@@ -393,9 +478,32 @@ class Trainer:
         with torch.no_grad(), reference_mode(self.transformer):
             ref_w, ref_l = pair_forward(errors, win, lose, *parallel)
         err_w, err_l = pair_forward(errors, win, lose, *parallel)
-        loss, metrics = preference_loss(self.cfg.loss, err_w, err_l, ref_w, ref_l)
+        loss, metrics = preference_loss(self.cfg.loss, err_w, err_l, ref_w, ref_l,
+                                        err_real=self.real_errors(batch.real))
         (loss * scale).backward()
         return metrics
+
+    def pointwise_step(self, batch: VideoBatch, scale: float) -> Metrics:
+        """Diffusion-KTO on B labelled videos: reference and policy errors at each video's own
+        (t, ε), losses.pointwise_loss (plus the NLL terms), backward of loss·scale."""
+        noisy = self.noisy(batch)
+        with torch.no_grad(), reference_mode(self.transformer):
+            ref = self.errors(batch, *noisy)
+        err = self.errors(batch, *noisy)
+        loss, metrics = pointwise_loss(self.cfg.loss, err, ref, batch.desirable,
+                                       err_real=self.real_errors(batch.real))
+        (loss * scale).backward()
+        return metrics
+
+    def real_errors(self, real: VideoBatch | None) -> Tensor | None:
+        """The policy's errors on the real clips of the NLL term (no reference: λ·mean e_θ)."""
+        return None if real is None else self.errors(real, *self.noisy(real))
+
+    @staticmethod
+    def noisy(batch: VideoBatch) -> tuple[Tensor, Tensor]:
+        """(x_t, y) of single videos: x_t = (1 − σ_t) z + σ_t ε, y = ε − z."""
+        sigma = batch.sigma.view(-1, 1, 1, 1, 1)
+        return (1 - sigma) * batch.latent + sigma * batch.noise, batch.noise - batch.latent
 
     def train_step(self) -> Metrics:
         """grad_accum micro-batches, clip, then an AdamW update unless loss or grads are
@@ -406,7 +514,11 @@ class Trainer:
         n = self.cfg.grad_accum
         # The loss is a mean over pairs, so 1/n per micro-batch makes n×B equal one batch of n·B.
         parts = [self.forward_backward_step(self.next_batch(), 1 / n) for _ in range(n)]
-        metrics = self.layout.mean_metrics({k: sum(p[k] for p in parts) / n for k in parts[0]})
+        # A metric a micro-batch lacks (KTO's reward_desirable without a desirable sample)
+        # is the mean over those that have it.
+        keys = dict.fromkeys(k for p in parts for k in p)
+        metrics = self.layout.mean_metrics(
+            {k: sum(p[k] for p in parts if k in p) / sum(k in p for p in parts) for k in keys})
         self.layout.reduce_gradients(lora_parameters(self.transformer))
         max_norm = self.cfg.optimizer.max_grad_norm or math.inf
         grad_norm = float(torch.nn.utils.clip_grad_norm_(lora_parameters(self.transformer),
@@ -474,7 +586,7 @@ class Trainer:
 
     def trainer_state(self) -> dict[str, Any]:
         return {"step": self.step, "skipped": self.skipped, "cursor": asdict(self.cursor),
-                "guard": asdict(self.guard)}
+                "real_cursor": asdict(self.real_cursor), "guard": asdict(self.guard)}
 
     def save_checkpoint(self) -> str:
         self.log.sync()  # the JSONL and the trackers: in the store up to this step
@@ -487,6 +599,7 @@ class Trainer:
             state = self.checkpointer.load(self.transformer, self.optimizer, self.lr_scheduler)
             self.step, self.skipped = state["step"], state["skipped"]
             self.cursor = DataCursor(**state["cursor"])
+            self.real_cursor = DataCursor(**state.get("real_cursor", asdict(self.real_cursor)))
             self.guard = CollapseGuard(**state["guard"])
             logger.info("resumed from step %d", self.step)
         self.log.start(self.step)

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from infra.config.wan import TEXT_LEN
-from infra.pairs_format import PAIRS_FORMAT, pair_bytes
+from infra.pairs_format import PAIRS_FORMAT, pair_bytes, video_bytes
 from infra.store import Store
 
 
@@ -50,3 +50,29 @@ def write_random_pairs(store: Store, stage_dir: str, model_config: dict[str, Any
     pairs = {f"pair-{i:06d}": random_pair(model_config, frames, height, width, g, mask)
              for i in range(n)}
     return write_pairs(store, stage_dir, pairs)
+
+
+def random_video(model_config: dict[str, Any], frames: int, height: int, width: int,
+                 generator: torch.Generator) -> dict[str, Tensor]:
+    """One single video's random tensors (regdpo.video.v1), shaped for `model_config`."""
+    pair = random_pair(model_config, frames, height, width, generator)
+    pair.pop("lose")
+    pair["latent"] = pair.pop("win")
+    return pair
+
+
+def write_rows(store: Store, stage_dir: str, pairs: dict[str, dict[str, Tensor]],
+               videos: dict[str, tuple[str, bool | None, dict[str, Tensor]]]) -> str:
+    """A committed dataset of every row kind: pairs, and videos id -> (kind "pointwise" or
+    "real", the pointwise label or None, tensors). Returns the stage dir."""
+    rows = []
+    for pair_id, tensors in pairs.items():
+        uri = store.write_bytes(f"{stage_dir}/pairs/{pair_id}.safetensors", pair_bytes(tensors))
+        rows.append({"id": pair_id, "status": "ok", "reason": "", "kind": "pair",
+                     "latents": uri, "desirable": None})
+    for video_id, (kind, desirable, tensors) in videos.items():
+        uri = store.write_bytes(f"{stage_dir}/videos/{video_id}.safetensors", video_bytes(tensors))
+        rows.append({"id": video_id, "status": "ok", "reason": "", "kind": kind, "latents": uri,
+                     "desirable": desirable})
+    store.commit_manifest(stage_dir, rows, {"format": PAIRS_FORMAT, "rows": len(rows)})
+    return stage_dir

@@ -32,6 +32,10 @@ CASES: dict[str, tuple[str, dict[str, Any], dict[str, Any]]] = {
     "context_parallel_i2v_fsdp_ckpt": (
         "i2v", {"context_parallel": 2, "fsdp": True, "gradient_checkpointing": True}, {}),
     "pair_parallel": ("t2v", {"pair_parallel": True}, {}),
+    # Dual-IPO round r under sharded loading: the policy starts from a saved adapter and the
+    # reference is base + that adapter (a second, frozen adapter), both set before sharding.
+    "fsdp_from_adapter_reference_previous": (
+        "t2v", {"fsdp": True}, {"init_adapter": "adapters/t2v", "reference": "previous"}),
     "pair_parallel_region_fsdp": ("i2v", {"pair_parallel": True, "fsdp": True},
                                   {"loss": {"kind": "region"}}),
 }
@@ -157,6 +161,20 @@ def worker(args: argparse.Namespace) -> None:
 # ---------------------------------------------------------------------------------------
 
 
+def _write_adapter(store: Any, model: str, scratch: Path) -> None:
+    """A previous round's adapter (random, non-zero A and B) at the store key adapters/t2v."""
+    from models.wan import WanSpec, add_lora, load_transformer, lora_parameters, save_lora
+
+    transformer = load_transformer(WanSpec("t2v", model))
+    add_lora(transformer, rank=4, alpha=8)
+    g = torch.Generator().manual_seed(11)
+    with torch.no_grad():
+        for p in lora_parameters(transformer):
+            p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    path = save_lora(transformer, scratch)
+    store.put_file(str(path), f"adapters/t2v/{Path(path).name}")
+
+
 @pytest.fixture(scope="module")
 def launched(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
     from models.tiny import build_tiny
@@ -171,6 +189,7 @@ def launched(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
     for kind, path in models.items():
         model = transformer_config(WanSpec(kind, path))
         write_random_pairs(store, f"data/{kind}", model, 4, mask=True, seed=1)
+    _write_adapter(store, models["t2v"], root / "adapter")
     out = root / "out"
     out.mkdir()
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",

@@ -6,7 +6,7 @@ from typing import Annotated, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from infra.config.base import Section
+from infra.config.base import ConfigError, Section
 from infra.config.wan import DEFAULT_TARGETS, WAN21_I2V_14B_720P, Dtype, Kind
 
 LossKind = Literal["dpo", "regdpo", "sft", "region", "kto"]
@@ -32,6 +32,14 @@ class LossConfig(Section):
                                         "desirable samples")
     kto_undesirable_weight: Number = Field(1.0, ge=0, description="KTO's λ_U, the weight of "
                                           "undesirable samples")
+    kto_on: Literal["pointwise", "pairs"] = Field(
+        "pointwise", description="what kind kto trains on (other kinds ignore it): the "
+        "pointwise rows of train.data (one video each with its critic label, Dual-IPO) or the "
+        "pairs (winners desirable, losers undesirable)")
+    nll_on: Literal["real", "winners", "both"] = Field(
+        "real", description="with nll_lambda > 0, the NLL term's data (Dual-IPO): real = the "
+        "real (GT) clips of train.data, winners = the pairs' winners (kto: the desirable "
+        "samples), both = one λ·mean term for each")
 
     @field_validator("r")
     @classmethod
@@ -144,6 +152,16 @@ class TrainConfig(Section):
         default_factory=lambda: ["tensorboard"], description="experiment trackers (any subset); "
         "wandb runs offline unless WANDB_MODE is set, mlflow into a local file store unless "
         "MLFLOW_TRACKING_URI is set; wandb/mlflow need `pip install 'regdpo[tracking]'`")
+    init_adapter: str | None = Field(
+        None, description="store key of a LoRA adapter the policy starts from (a train stage's "
+        "adapter dir or its pytorch_lora_weights.safetensors; Dual-IPO: the previous round's); "
+        "it must have train.lora's rank and targets. None = a fresh adapter (B = 0)")
+    reference: Literal["base", "previous"] = Field(
+        "previous", description="the frozen reference of the DPO/KTO gaps: base = the base "
+        "model (adapters disabled); previous = base + train.init_adapter, the policy that "
+        "sampled this round's data (a second, frozen adapter), which is the base when "
+        "init_adapter is None. Default previous: iterative DPO measures each round against the "
+        "policy it starts from, so the gaps start at 0 every round")
 
     @model_validator(mode="after")
     def _check(self) -> "TrainConfig":
@@ -151,10 +169,45 @@ class TrainConfig(Section):
             raise ValueError("kind 'i2v-2.2' is not trainable yet: Wan2.2's two experts split "
                              "the timesteps at boundary_ratio and the trainer trains one "
                              "transformer; use a Wan2.1 model (t2v or i2v)")
-        if self.loss.nll_lambda > 0:
-            raise ValueError("train.loss.nll_lambda > 0 needs real-video batches (Dual-IPO), "
-                             "which the pairs trainer does not draw; set it to 0")
+        if self.parallel.pair_parallel and self.single_videos():
+            raise ValueError(f"train.parallel.pair_parallel puts a pair's two sides on two "
+                             f"ranks, but this config also trains on single videos "
+                             f"({', '.join(self.single_videos())}), which have no second side; "
+                             "set train.parallel.pair_parallel: false")
         return self
+
+    def row_kinds(self) -> dict[str, str]:
+        """The row kinds of train.data this config trains on -> the keys that ask for them."""
+        loss, kinds = self.loss, {}
+        if loss.kind != "kto" or loss.kto_on == "pairs":
+            kinds["pair"] = f"train.loss.kind: {loss.kind}" + (
+                ", kto_on: pairs" if loss.kind == "kto" else "")
+        else:
+            kinds["pointwise"] = "train.loss.kind: kto, kto_on: pointwise"
+        if loss.nll_lambda > 0 and loss.nll_on in ("real", "both"):
+            kinds["real"] = f"train.loss.nll_lambda > 0, nll_on: {loss.nll_on}"
+        return kinds
+
+    def single_videos(self) -> list[str]:
+        """The single-video row kinds (pointwise, real) this config trains on."""
+        return [k for k in self.row_kinds() if k != "pair"]
+
+    def check_rows(self, counts: dict[str, int], where: str) -> None:
+        """Refuse a dataset (`where`, with `counts` ok rows per kind) that lacks a kind this
+        config trains on; the error names the keys and the fix."""
+        fixes = {
+            "pair": "add pairs (the pairs stage), or train KTO on pointwise rows "
+                    "(train.loss.kind: kto, kto_on: pointwise)",
+            "pointwise": "add pointwise rows (the pairs stage's scored mode), or set "
+                         "train.loss.kto_on: pairs to train KTO on the pairs' winners and losers",
+            "real": "add real clips (rows of kind 'real'), or set train.loss.nll_on: winners, "
+                    "or train.loss.nll_lambda: 0",
+        }
+        missing = [f"{why} needs rows of kind {kind!r}; {fixes[kind]}"
+                   for kind, why in self.row_kinds().items() if not counts.get(kind)]
+        if missing:
+            have = ", ".join(f"{n} {k}" for k, n in counts.items() if n) or "no usable rows"
+            raise ConfigError(f"train.data {where} has {have}: " + "; ".join(missing))
 
 
 # Fields that change no number of the run: a resume (and the stage key) may differ in them.
