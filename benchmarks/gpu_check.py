@@ -25,6 +25,9 @@ video tokens per sample). Per (model, resolution), cheapest first, within a time
              _native_efficient) on the self-attention shapes (2 samples, S tokens, all heads,
              head_dim 128), forward + backward.
 
+First, fsdp bf16 policy: the trainer's FSDP2 MixedPrecisionPolicy on a one-rank group against
+the same tiny LoRA model without FSDP (dtypes while computing, errors and LoRA gradients).
+
 FLOPs are counted, not guessed: torch.utils.flop_counter.FlopCounterMode over the same step
 run on the meta device (shapes only, no memory), checkpointing off — two reference forwards,
 two policy forwards and the backward that autograd actually runs (the frozen base gets input
@@ -476,6 +479,71 @@ def _has_flash() -> bool:
     return importlib.util.find_spec("flash_attn") is not None
 
 
+def fsdp_bf16_check(env: Env) -> dict[str, Any]:
+    """The trainer's FSDP2 mixed precision (infra.parallel.fsdp_mixed_precision: bf16 weights,
+    fp32 reductions on CUDA) on a one-rank process group, against the same LoRA model without
+    FSDP: one optimized step each on a tiny Wan (the policy's mechanics, not the model's size).
+    Reports the policy, the dtypes weights have while their block computes, and the relative
+    difference of the errors and of the LoRA gradients (the weights it casts are bf16 already,
+    the fp32 ones stay out of its units, so both should be ~0)."""
+    import socket
+
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from infra.distributed import Layout
+    from infra.parallel import apply_fsdp, fsdp_mixed_precision
+
+    [case] = cases(True, ["tiny-t2v"], [])
+    parallel = ParallelConfig(pair_batch=True, gradient_checkpointing=True, bf16=True)
+    policy = fsdp_mixed_precision(parallel, env.device)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    dist.init_process_group("nccl" if env.cuda else "gloo", init_method=f"tcp://127.0.0.1:{port}",
+                            rank=0, world_size=1)
+    try:
+        layout = Layout(device=env.device, world=1,
+                        world_mesh=init_device_mesh(env.device.type, (1,)))
+        runs = {}
+        for name in ("plain", "fsdp"):
+            model = build_model(case, env.device, env.dtype)
+            add_lora(model, rank=4, alpha=8)
+            g = torch.Generator().manual_seed(7)  # B = 0 would leave A without a gradient
+            with torch.no_grad():
+                for w in lora_parameters(model):
+                    w.copy_(torch.randn(w.shape, generator=g) * 0.1)
+            parallelize(model, parallel)
+            seen: list[str] = []
+            if name == "fsdp":
+                apply_fsdp(model, layout, policy)
+                for module in (model.blocks[0].attn1.to_q.base_layer, model.blocks[0].norm2):
+                    module.register_forward_pre_hook(lambda m, args: seen.append(_dtype(m.weight)))
+            view = trainer_view(model, parallel, env.device)
+            metrics = Trainer.forward_backward_step(view, make_pair(case, env.device), 1.0)
+            lora = lora_parameters(model)
+            runs[name] = dict(metrics=metrics, seen=seen, lora_dtypes={_dtype(w) for w in lora},
+                              grad_dtypes={_dtype(w.grad) for w in lora},
+                              grads=torch.cat([w.grad.flatten().double() for w in lora]))
+        plain, fsdp = runs["plain"], runs["fsdp"]
+        errors = max(abs(fsdp["metrics"][k] - plain["metrics"][k]) / abs(plain["metrics"][k])
+                     for k in ("err_win", "err_lose", "err_ref_win", "err_ref_lose"))
+        grads = float((fsdp["grads"] - plain["grads"]).norm() / plain["grads"].norm())
+        return {"param_dtype": _dtype(policy.param_dtype), "reduce_dtype": _dtype(policy.reduce_dtype),
+                "compute_dtypes": dict(zip(("base to_q", "norm2 (kept fp32)"), fsdp["seen"])),
+                "lora_dtypes": sorted(fsdp["lora_dtypes"]),
+                "lora_grad_dtypes": sorted(fsdp["grad_dtypes"]),
+                "errors_rel": errors, "lora_grads_rel": grads}
+    finally:
+        dist.destroy_process_group()
+
+
+def _dtype(x: torch.Tensor | torch.dtype | None) -> str:
+    """"bfloat16", "float32", or "none" (a policy that does not cast)."""
+    dtype = x.dtype if isinstance(x, torch.Tensor) else x
+    return "none" if dtype is None else str(dtype).removeprefix("torch.")
+
+
 # ---------------------------------------------------------------------------------------
 # The check
 # ---------------------------------------------------------------------------------------
@@ -598,6 +666,14 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     say(f"gpu_check: {name}, {memory}; torch {torch.__version__}, diffusers "
         f"{diffusers.__version__}, flash-attn {'yes' if _has_flash() else 'no'}; peak "
         f"{peak_note}; budget {args.budget_s:.0f} s")
+    fsdp = (guarded(env, "fsdp bf16 policy", lambda: fsdp_bf16_check(env))
+            if budget.left() > budget.reserve else {"error": "skipped (budget)"})
+    env.records.append({"case": "fsdp bf16 policy", **fsdp})
+    if "error" not in fsdp:
+        say(f"fsdp bf16 policy (1 rank, tiny Wan): param {fsdp['param_dtype']}, reduce "
+            f"{fsdp['reduce_dtype']}, computing with {fsdp['compute_dtypes']}, LoRA "
+            f"{fsdp['lora_dtypes']} grads {fsdp['lora_grad_dtypes']}; vs no FSDP: errors "
+            f"{fsdp['errors_rel']:.1e}, LoRA grads {fsdp['lora_grads_rel']:.1e} (relative)")
     split = (lambda s: [x for x in s.split(",") if x])
     for case in cases(args.dry_run, split(args.models), split(args.res)):
         if budget.left() < budget.reserve:

@@ -152,19 +152,33 @@ def apply_fsdp(transformer: torch.nn.Module, layout: Layout,
     trainable (bf16 and fp32) weights out of one all-gather unit, keeps the reference pass
     (adapters disabled) free of FSDP, and lets checkpoints save plain tensors. Their partial
     gradients are all-reduced by Layout.reduce_gradients like every other layout's, in fp32:
-    the LoRA master weights stay float32 whatever the policy (models.wan.add_lora).
+    the LoRA master weights stay float32 whatever the policy (models.wan.add_lora). Under a
+    casting policy the modules diffusers keeps in fp32 stay out of the units too (kept_in_fp32).
     """
     mp_policy = mp_policy or MixedPrecisionPolicy()
 
     # FSDP warns that the root returns a view (diffusers' unpatchify): an in-place op on it
     # would skip a hook. The trainer only reads the prediction (losses.flow_error).
     warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
-    lora = set(lora_parameters(transformer))
+    ignored = set(lora_parameters(transformer))
+    if mp_policy.param_dtype is not None:  # a casting policy must not cast these either
+        ignored |= set(kept_in_fp32(transformer))
     for block in transformer.blocks:
-        fully_shard(block, mesh=layout.world_mesh, ignored_params=lora, mp_policy=mp_policy)
+        fully_shard(block, mesh=layout.world_mesh, ignored_params=ignored, mp_policy=mp_policy)
     # The root's weights (embeddings, head) are needed right after the last block: keep them.
-    fully_shard(transformer, mesh=layout.world_mesh, ignored_params=lora,
+    fully_shard(transformer, mesh=layout.world_mesh, ignored_params=ignored,
                 reshard_after_forward=False, mp_policy=mp_policy)
+
+
+def kept_in_fp32(transformer: torch.nn.Module) -> list[torch.nn.Parameter]:
+    """The float32 weights of the modules diffusers keeps in fp32 in a bf16 model
+    (`_keep_in_fp32_modules`: Wan's time embedder, modulation tables and affine norms, a few
+    MiB). Under a bf16 MixedPrecisionPolicy they stay out of the FSDP units, replicated and
+    uncast, as from_pretrained(torch_dtype=bf16) leaves them."""
+    keep = set(getattr(transformer, "_keep_in_fp32_modules", None) or [])
+    return [p for name, p in transformer.named_parameters()
+            if p.dtype == torch.float32 and keep.intersection(name.split("."))
+            and "lora_" not in name]
 
 
 def autocast(cfg: ParallelConfig, device: torch.device) -> ContextManager:

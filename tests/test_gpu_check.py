@@ -32,7 +32,11 @@ def test_dry_run_reports_every_case_through_the_shell_script(tmp_path: Path) -> 
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     assert "gpu_check: done" in proc.stdout
-    records = json.loads((tmp_path / "gpu_check.json").read_text())
+    fsdp, *records = json.loads((tmp_path / "gpu_check.json").read_text())
+    # On CPU the policy casts nothing (the CPU layouts' exact equality); on CUDA it is bf16.
+    assert fsdp["case"] == "fsdp bf16 policy" and fsdp["param_dtype"] == "none"
+    assert fsdp["lora_dtypes"] == fsdp["lora_grad_dtypes"] == ["float32"]
+    assert fsdp["errors_rel"] == 0 and fsdp["lora_grads_rel"] == 0
     assert [r["case"] for r in records] == ["tiny-t2v 32px x9", "tiny-i2v 32px x9"]
     for r in records:
         opt = r["optimized"]
@@ -57,7 +61,7 @@ def test_naive_oom_is_reported_and_its_capacity_found_on_the_ladder(gpu_check, m
         return real(env, case, latent_frames)
 
     monkeypatch.setattr(gpu_check, "naive_step", naive_step)
-    [record] = gpu_check.main(["--dry-run", "--models", "tiny-i2v"])
+    _, record = gpu_check.main(["--dry-run", "--models", "tiny-i2v"])
     assert record["naive"]["full"] == {"error": "OOM"}
     assert record["naive"]["max_latent_frames"] == 1
     assert record["naive"]["ladder_stop"] == "OOM at 2 latent frames"
@@ -68,7 +72,7 @@ def test_naive_oom_is_reported_and_its_capacity_found_on_the_ladder(gpu_check, m
 
 def test_a_spent_budget_skips_cases_without_building_them(gpu_check) -> None:
     records = gpu_check.main(["--dry-run", "--budget-s", "0"])
-    assert [r["error"] for r in records] == ["skipped (budget)"] * 2
+    assert [r["error"] for r in records] == ["skipped (budget)"] * 3
 
 
 def test_flops_of_the_full_depth_equal_the_count_extended_from_one_and_two_blocks(

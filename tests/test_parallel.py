@@ -108,7 +108,8 @@ def one_rank(tmp_path: Path) -> Layout:
 def test_bf16_policy_keeps_lora_master_weights_fp32_and_their_grads_fp32(one_rank) -> None:
     """The GPU policy applied on a one-rank gloo group, under autocast as the trainer runs it
     on CUDA (here CPU's bf16 autocast): the base computes in bf16, the LoRA weights and their
-    gradients stay float32, and the prediction stays near the float32 one."""
+    gradients stay float32, the modules diffusers keeps in fp32 stay so, and the prediction
+    stays near the float32 one."""
     model, reference = _transformer(), _transformer()
     x = torch.randn(1, 16, 2, 4, 4)
     text = torch.randn(1, 8, 32)
@@ -116,8 +117,11 @@ def test_bf16_policy_keeps_lora_master_weights_fp32_and_their_grads_fp32(one_ran
     want = reference(hidden_states=x, timestep=t, encoder_hidden_states=text,
                      return_dict=False)[0]
     apply_fsdp(model, one_rank, fsdp_mixed_precision(ParallelConfig(bf16=True), CUDA))
-    seen = []  # the dtype a base weight has while its block computes (FSDP's unsharded copy)
+    seen = []  # the dtypes weights have while their block computes (FSDP's unsharded copies)
     model.blocks[0].attn1.to_q.base_layer.register_forward_pre_hook(
+        lambda module, args: seen.append(module.weight.dtype))
+    # A module diffusers keeps in fp32 (`_keep_in_fp32_modules`) is not cast by the policy.
+    model.blocks[0].norm2.register_forward_pre_hook(
         lambda module, args: seen.append(module.weight.dtype))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         got = model(hidden_states=x, timestep=t, encoder_hidden_states=text,
@@ -126,7 +130,8 @@ def test_bf16_policy_keeps_lora_master_weights_fp32_and_their_grads_fp32(one_ran
     lora = lora_parameters(model)
     assert lora and all(p.dtype == torch.float32 for p in lora)
     assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in lora)
-    assert seen == [torch.bfloat16]
+    assert seen == [torch.bfloat16, torch.float32]
+    assert model.blocks[0].scale_shift_table.dtype == torch.float32
     assert got.dtype == torch.bfloat16
     assert float((got.detach().float() - want).norm() / want.norm()) < 0.05
 
