@@ -576,6 +576,12 @@ def check_case(env: Env, case: Case) -> dict[str, Any]:
     rec: dict[str, Any] = {"case": case.name, "tokens": case.tokens(),
                            "latent_frames": case.latent_frames}
     rec["flops"] = flops = count_flops(case, env.dtype)
+    floor = optimized_floor_bytes(case, env)
+    if env.cuda and floor > torch.cuda.get_device_properties(env.device).total_memory:
+        rec["optimized"] = {"error": f"does not fit: needs >= {floor / GiB:.0f} GiB (weights + "
+                                     "checkpointed block inputs), more than this GPU has"}
+        say(f"{case.name}: optimized {rec['optimized']['error']}")
+        return rec
     predicted = env.predict_s(flops["model"] + flops["policy_forward"])
     steps = env.steps
     if predicted is not None and (predicted > LONG_STEP_S
@@ -595,6 +601,19 @@ def check_case(env: Env, case: Case) -> dict[str, Any]:
                                        cfg["attention_head_dim"])
     say(summary(env, case, rec))
     return rec
+
+
+def optimized_floor_bytes(case: Case, env: Env) -> int:
+    """What the optimized step holds at least: the bf16 weights and, with every block
+    checkpointed, each block's input (win + lose: 2 x S x dim in bf16)."""
+    cfg = case.config
+    dim = cfg["num_attention_heads"] * cfg["attention_head_dim"]
+    with torch.device("meta"):
+        from diffusers import WanTransformer3DModel
+
+        params = sum(p.numel() for p in WanTransformer3DModel(**cfg).parameters())
+    size = torch.finfo(env.dtype).bits // 8
+    return params * size + cfg["num_layers"] * 2 * case.tokens() * dim * size
 
 
 def summary(env: Env, case: Case, rec: dict[str, Any]) -> str:
@@ -680,7 +699,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
             env.records.append({"case": case.name, "error": "skipped (budget)"})
             say(f"{case.name}: skipped (budget)")
             continue
-        env.records.append(check_case(env, case))
+        record = guarded(env, case.name, lambda: check_case(env, case))  # never stops the run
+        env.records.append(record if "case" in record else {"case": case.name, **record})
         if args.json:  # after every case: a killed run keeps what it measured
             Path(args.json).write_text(json.dumps(env.records, indent=1, default=str))
     say(f"gpu_check: done in {args.budget_s - budget.left():.0f} s")

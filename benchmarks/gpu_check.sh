@@ -9,6 +9,11 @@
 #     bash benchmarks/gpu_check.sh --fetch-wheels    # -> .whl/ (git-ignored through info/exclude)
 # then on the GPU machine, with `.whl` carried:
 #     bash benchmarks/gpu_check.sh                    # ~7 minutes; extra args go to gpu_check.py
+# (With the device tool: run(command="bash benchmarks/gpu_check.sh", carry=[".whl"],
+# timeout_s=560).) Cases run cheapest first; on an H100 the 14B 720p case reports that it does
+# not fit one GPU (>= 88 GiB: weights + checkpointed block inputs); on an H200 it needs ~3
+# minutes for one step, so give it its own run:
+#     bash benchmarks/gpu_check.sh --models 14b --res 720p
 # The CPU dry run (tiny configs, the same code path; tests/test_gpu_check.py runs it):
 #     bash benchmarks/gpu_check.sh --dry-run
 set -euo pipefail
