@@ -71,7 +71,7 @@ from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 from infra.config import LossConfig, ParallelConfig  # noqa: E402
 from infra.parallel import checkpoint_blocks, pair_forward, parallelize  # noqa: E402
 from losses import preference_loss  # noqa: E402
-from models.tiny import TINY_IMAGE_DIM, tiny_transformer_config  # noqa: E402
+from models.tiny import tiny_transformer_config  # noqa: E402
 from models.wan import TEXT_LEN, add_lora, lora_parameters, reference_mode  # noqa: E402
 from tasks.train import PairBatch, Trainer  # noqa: E402
 
