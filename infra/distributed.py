@@ -191,9 +191,18 @@ def gather(x: Tensor, dim: int, group: dist.ProcessGroup, replicated: bool) -> T
 
 
 # ---------------------------------------------------------------------------------------
-# Context parallelism for WanTransformer3DModel
+# Context parallelism for WanTransformer3DModel, two implementations
 # ---------------------------------------------------------------------------------------
 #
+# diffusers' (CUDA): WanTransformer3DModel._cp_plan splits the rotary table and blocks[0]'s
+# tokens and gathers proj_out's output; its attention backends run Ulysses (all-to-all: local
+# heads over all tokens) or ring attention (K/V chunks around the ring, merged by
+# log-sum-exp), both with a backward. Its enable_parallelism picks the device as
+# `rank % torch.accelerator.device_count()`, a ZeroDivisionError on a machine without an
+# accelerator, and ring attention needs a kernel that returns the log-sum-exp (torch SDPA does
+# not), so it cannot serve the CPU/gloo path.
+#
+# Ours ("gather", any device): the same split, with K/V gathered instead of exchanged.
 # The video tokens (frame-major: frame, row, column) are cut into cp equal contiguous chunks,
 # i.e. runs of whole frames when cp divides the latent frame count. Everything in a Wan block
 # is per token except self-attention, so:
@@ -256,7 +265,7 @@ class GatheredKVAttnProcessor:
         return attn.to_out[1](attn.to_out[0](out))
 
 
-def apply_context_parallel(transformer: torch.nn.Module, group: dist.ProcessGroup) -> None:
+def apply_gathered_kv(transformer: torch.nn.Module, group: dist.ProcessGroup) -> None:
     """Split a WanTransformer3DModel's video tokens across `group` (see the table above)."""
     def shard_rope(module: Any, args: Any, out: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
         return tuple(_chunk_tokens(t, 1, group) for t in out)  # [1, S, 1, D]
@@ -272,6 +281,31 @@ def apply_context_parallel(transformer: torch.nn.Module, group: dist.ProcessGrou
     transformer.proj_out.register_forward_hook(gather_tokens)
     for block in transformer.blocks:
         block.attn1.set_processor(GatheredKVAttnProcessor(group, block.attn1.processor))
+
+
+def apply_diffusers_cp(transformer: Any, layout: Layout, ulysses: int, ring: int) -> None:
+    """diffusers' context parallelism (ContextParallelConfig, the model's `_cp_plan`) over this
+    layout's cp ranks: a (ring, ulysses) mesh cut from the (dp, pair, ring, ulysses) grid, so
+    the token chunk of cp rank i is the same as with `apply_gathered_kv`."""
+    from diffusers import ContextParallelConfig
+
+    if torch.accelerator.device_count() == 0:
+        raise ValueError(
+            "train.parallel.context_parallel.implementation 'diffusers' needs an accelerator: "
+            "diffusers' enable_parallelism picks its device as rank % "
+            "torch.accelerator.device_count(), which is 0 here (ZeroDivisionError); use "
+            "implementation 'gather' (or 'auto') on CPU")
+    heads = transformer.config.num_attention_heads
+    if heads % ulysses:
+        raise ValueError(
+            f"train.parallel.context_parallel.ulysses={ulysses} must divide the model's "
+            f"{heads} attention heads (Ulysses splits the heads across ranks); pick a divisor "
+            "of the heads and put the rest of the degree into `ring`")
+    assert layout.mesh is not None and ulysses * ring == layout.cp
+    grid = init_device_mesh(layout.device.type, (layout.dp, layout.pair, ring, ulysses),
+                            mesh_dim_names=("dp", "pair", "ring", "ulysses"))
+    transformer.enable_parallelism(config=ContextParallelConfig(
+        ulysses_degree=ulysses, ring_degree=ring, mesh=grid["ring", "ulysses"]))
 
 
 # ---------------------------------------------------------------------------------------

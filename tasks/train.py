@@ -84,7 +84,7 @@ def check_launch(cfg: TrainConfig, nproc: int) -> int:
     """The data-parallel degree of `nproc` processes under train.parallel, or a ValueError that
     names the fix; checked before a launch and again by each rank."""
     p = cfg.parallel
-    dp = check_grid(nproc, p.pair_degree, p.context_parallel)
+    dp = check_grid(nproc, p.pair_degree, p.context_parallel.degree)
     if cfg.batch_size % dp:
         raise ValueError(f"train.batch_size {cfg.batch_size} does not split over the {dp} "
                          f"data-parallel groups of {nproc} processes: make it a multiple of "
@@ -327,7 +327,8 @@ class Trainer:
                              "(the precompute stage's output dir)")
         self.cfg, self.store, self.out = cfg, store, join_key(out)
         p = cfg.parallel
-        self.layout = layout or Layout.from_env(p.pair_degree, p.context_parallel, cfg.device)
+        self.layout = layout or Layout.from_env(p.pair_degree, p.context_parallel.degree,
+                                                cfg.device)
         self.device = self.layout.device
         check_launch(cfg, self.layout.world)
         self.dataset, self.real = self._open_data()

@@ -3,6 +3,14 @@ processes on gloo, launched with torchrun, on a tiny random-weight Wan transform
 pairs. Each layout must give the plain single-process numbers: the loss metrics and the LoRA
 gradient of one micro-batch, the LoRA weights after two optimizer steps, and a resume.
 
+Context parallelism runs both implementations: ours (gathered K/V, what `auto` picks on CPU)
+and diffusers' Ulysses attention. diffusers' enable_parallelism computes its device as
+`rank % torch.accelerator.device_count()`, a ZeroDivisionError without an accelerator, so the
+diffusers cases stand in a count of 1 while the policy is built (`_LIBRARY_CP`); everything
+after that lookup (the model's _cp_plan hooks, the all-to-all attention and its backward, on
+gloo) is the library's own. Ring attention cannot run here at all (torch SDPA returns no
+log-sum-exp); it waits for a multi-GPU machine.
+
 One torchrun launch runs every case (each launch costs ~10 s of imports): this file is also the
 worker script (`python -m torch.distributed.run ... tests/test_distributed.py --worker ...`).
 """
@@ -10,12 +18,14 @@ worker script (`python -m torch.distributed.run ... tests/test_distributed.py --
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import pytest
 import torch
@@ -31,6 +41,11 @@ CASES: dict[str, tuple[str, dict[str, Any], dict[str, Any]]] = {
     "context_parallel": ("t2v", {"context_parallel": 2}, {}),
     "context_parallel_i2v_fsdp_ckpt": (
         "i2v", {"context_parallel": 2, "fsdp": True, "gradient_checkpointing": True}, {}),
+    "context_parallel_diffusers_ulysses": (
+        "t2v", {"context_parallel": {"ulysses": 2, "implementation": "diffusers"}}, {}),
+    "context_parallel_diffusers_i2v_fsdp_ckpt": (
+        "i2v", {"context_parallel": {"ulysses": 2, "implementation": "diffusers"}, "fsdp": True,
+                "gradient_checkpointing": True}, {}),
     "pair_parallel": ("t2v", {"pair_parallel": True}, {}),
     # Dual-IPO round r under sharded loading: the policy starts from a saved adapter and the
     # reference is base + that adapter (a second, frozen adapter), both set before sharding.
@@ -39,6 +54,7 @@ CASES: dict[str, tuple[str, dict[str, Any], dict[str, Any]]] = {
     "pair_parallel_region_fsdp": ("i2v", {"pair_parallel": True, "fsdp": True},
                                   {"loss": {"kind": "region"}}),
 }
+_LIBRARY_CP = {"context_parallel_diffusers_ulysses", "context_parallel_diffusers_i2v_fsdp_ckpt"}
 # ‖got − want‖ ≤ TOL·‖want‖ over all LoRA tensors (float32 rounding of reordered sums).
 TOL = 1e-5
 
@@ -107,6 +123,17 @@ def _compare(got: dict[str, Any], want: dict[str, Any], b: float) -> dict[str, f
             "update": _rel(got["update"], want["update"])}
 
 
+def _cp_impl(transformer: Any) -> str | None:
+    """Which context parallelism the transformer carries, read off the model itself."""
+    from infra.distributed import GatheredKVAttnProcessor
+
+    if getattr(transformer, "_parallel_config", None) is not None:
+        return "diffusers"
+    if isinstance(transformer.blocks[0].attn1.processor, GatheredKVAttnProcessor):
+        return "gather"
+    return None
+
+
 def worker(args: argparse.Namespace) -> None:
     from infra.distributed import Layout, shutdown
     from infra.store import Store
@@ -123,11 +150,16 @@ def worker(args: argparse.Namespace) -> None:
             if key not in plain:
                 ref = Trainer(_config(models[kind], kind, {}, over), store, f"plain/{name}", single)
                 plain[key] = _measure(ref)
-            trainer = Trainer(_config(models[kind], kind, parallel, over), store, f"run/{name}")
+            count = (mock.patch("torch.accelerator.device_count", return_value=1)
+                     if name in _LIBRARY_CP else contextlib.nullcontext())
+            with count:
+                trainer = Trainer(_config(models[kind], kind, parallel, over), store,
+                                  f"run/{name}")
             layout = trainer.layout
             b = trainer.cfg.loss.beta / 2
             results[name] = _compare(_measure(trainer), plain[key], b) | {
-                "dp": layout.dp, "pair": layout.pair, "cp": layout.cp}
+                "dp": layout.dp, "pair": layout.pair, "cp": layout.cp,
+                "cp_impl": _cp_impl(trainer.transformer)}
 
         # 2 of 3 steps, a checkpoint by rank 0 (a run killed there), then a resume to 3: the
         # plain 3-step weights.
@@ -213,6 +245,12 @@ def test_layouts_are_what_the_switches_ask_for(launched) -> None:
                if case != "resume"}
     assert layouts["data_parallel"] == layouts["fsdp"] == (2, 1, 1)
     assert layouts["context_parallel"] == (1, 1, 2)
+    assert layouts["context_parallel_diffusers_ulysses"] == (1, 1, 2)
+    impls = {case: r["cp_impl"] for case, r in launched[0].items() if case != "resume"}
+    assert impls["context_parallel"] == impls["context_parallel_i2v_fsdp_ckpt"] == "gather"
+    assert impls["context_parallel_diffusers_ulysses"] == "diffusers"
+    assert impls["context_parallel_diffusers_i2v_fsdp_ckpt"] == "diffusers"
+    assert impls["data_parallel"] is None
     assert layouts["pair_parallel"] == (1, 2, 1)
 
 

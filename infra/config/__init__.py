@@ -20,13 +20,13 @@ from infra.config.pairs import (AnnotatedConfig, GeneratorConfig, LocalCorruptCo
 from infra.config.runner import RunnerConfig, store_problem
 from infra.config.run import (STAGE_CONFIGS, RunConfig, apply_overrides, load_config,
                               load_section, parse_override)
-from infra.config.train import (CheckpointConfig, LoraSection, LossConfig, OptimizerConfig,
-                                ParallelConfig, TrainConfig)
+from infra.config.train import (CheckpointConfig, ContextParallelSection, LoraSection,
+                                LossConfig, OptimizerConfig, ParallelConfig, TrainConfig)
 from infra.config.wan import Kind
 
 __all__ = [
     "AcquireConfig", "AnnotatedConfig", "BASE", "Buckets", "CaptionConfig", "CheckpointConfig",
-    "ConfigError", "DIMENSIONS", "DownloadConfig", "EvaluateConfig", "FilterConfig",
+    "ConfigError", "ContextParallelSection", "DIMENSIONS", "DownloadConfig", "EvaluateConfig", "FilterConfig",
     "FilterSignals", "GenerateConfig", "GeneratorConfig", "Kind", "LocalCorruptConfig",
     "LoraSection", "LossConfig", "ManifestSource", "NegativesConfig", "NormalizeConfig",
     "OptimizerConfig", "PairsConfig", "ParallelConfig", "PrecomputeConfig", "ProxyConfig",

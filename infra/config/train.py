@@ -79,6 +79,37 @@ class OptimizerConfig(Section):
         return v
 
 
+class ContextParallelSection(Section):
+    """The `train.parallel.context_parallel` section: one sample's video tokens split over
+    ulysses × ring ranks (diffusers' ContextParallelConfig degrees). A plain number N in the YAML
+    is read as {ulysses: N} (the layout's old int form)."""
+
+    ulysses: int = Field(1, ge=1, description="Ulysses degree: all-to-all that trades the "
+                         "sequence split for a head split around attention; must divide the "
+                         "attention heads (Wan2.1: 12 for 1.3B, 40 for 14B)")
+    ring: int = Field(1, ge=1, description="ring degree: K/V chunks passed around the ring, "
+                      "softmax merged by log-sum-exp; needs an attention kernel that returns it "
+                      "(flash-attn, or cuDNN SDPA in bf16)")
+    implementation: Literal["auto", "diffusers", "gather"] = Field(
+        "auto", description="diffusers = the library's Ulysses/ring attention (CUDA: its "
+        "enable_parallelism needs an accelerator); gather = ours, every rank gathers the full "
+        "K/V of a block (any device, gloo included; ulysses × ring is then just the degree); "
+        "auto = diffusers on CUDA, gather elsewhere")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _degree(cls, v: object) -> object:
+        if isinstance(v, bool):
+            raise ValueError("train.parallel.context_parallel takes {ulysses: N, ring: M} or a "
+                             f"number of ranks; got {v!r}")
+        return {"ulysses": v} if isinstance(v, int) else v
+
+    @property
+    def degree(self) -> int:
+        """Ranks that share one sample's tokens."""
+        return self.ulysses * self.ring
+
+
 class ParallelConfig(Section):
     """The `train.parallel` section: how one training step is laid out in memory."""
 
@@ -94,9 +125,10 @@ class ParallelConfig(Section):
     fsdp: bool = Field(
         False, description="FSDP2: shard the frozen base weights over all ranks (fully_shard "
         "per block, then the root); the LoRA weights stay whole on every rank")
-    context_parallel: int = Field(
-        1, ge=1, description="ranks that split one sample's video tokens (sequence axis); "
-        "must divide the number of processes and the token count")
+    context_parallel: ContextParallelSection = Field(
+        default_factory=lambda: ContextParallelSection(),
+        description="ranks that split one sample's video tokens (sequence axis): "
+        "{ulysses: N, ring: M}; a plain number N means {ulysses: N}")
     pair_parallel: bool = Field(
         False, description="win side on one rank, lose side on its partner, exchanging only "
         "the per-sample errors (needs an even number of processes)")
