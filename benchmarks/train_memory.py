@@ -36,6 +36,13 @@ timed alone. It is measured after the peak was read, in rounds alternating with 
 steps (so load from other processes hits both alike); each time is the minimum over its repeats.
 Both the full-step ratio and the forward+backward-only ratio (fb/ideal) are printed.
 
+Last, the planner (train.parallel.memory_budget_gb; infra/memory_plan.py): at F = 4x the naive
+path's largest F under the budget, a fresh process runs the trainer's probe steps (F = 1 and 2,
+every block stored, then every block recomputed), plans the fewest blocks to recompute (or, with
+--offload on CUDA, to offload) for the budget, and measures that setting's peak and its step over
+the ideal as above (--plan-steps alternating rounds). It prints the plan, the predicted and the
+measured peak, and `joint: ...`: both targets met by that one setting, or which one is not and why.
+
 On CPU the children run with a fixed small glibc mmap threshold (MALLOC_MMAP_THRESHOLD_), so
 freed activation buffers go back to the OS and RSS follows live memory rather than the
 allocator's history; RSS still counts the Python/torch runtime's own growth, page granularity,
@@ -68,6 +75,7 @@ from types import SimpleNamespace
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from infra.memory_plan import BudgetTooSmall, Line, MemoryPlan, MemoryProfile, plan_memory  # noqa: E402  (torch-free)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 # Only what the fork server preloads; torch/diffusers come in through these.
@@ -120,6 +128,12 @@ class CpuPeak:
             self.method = "ru_maxrss (not reset: includes model build)"
             self.baseline = self.baseline or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
+    def rearm(self) -> None:
+        """Reset the peak to the current RSS again (after work that is not the measured step)."""
+        gc.collect()
+        if self.method.startswith("VmHWM"):
+            Path("/proc/self/clear_refs").write_text("5")
+
     def peak(self) -> int:
         hwm = _proc_status().get("VmHWM")
         if hwm is None or not self.method.startswith("VmHWM"):
@@ -131,6 +145,7 @@ def _run_config(job: dict[str, Any]) -> dict[str, Any]:
     import torch
     from diffusers import WanTransformer3DModel
 
+    from infra.activations import apply_block_plan, measure_profile
     from infra.parallel import ParallelConfig, checkpoint_blocks, pair_forward, parallelize
     from losses import PreferenceLoss, preference_loss
     from models.wan import TEXT_LEN, add_lora, lora_parameters
@@ -160,13 +175,17 @@ def _run_config(job: dict[str, Any]) -> dict[str, Any]:
     n_params = sum(p.numel() for p in model.parameters())
     f, (h, w) = job["frames"], job["latent_hw"]
     c = config["out_channels"]
-    g = torch.Generator().manual_seed(1)
-    batch = PairBatch(  # one pair; one (t, ε) shared by win and lose as in the trainer
-        win=torch.randn(1, c, f, h, w, generator=g).to(device),
-        lose=torch.randn(1, c, f, h, w, generator=g).to(device),
-        prompt_embeds=torch.randn(1, TEXT_LEN, config["text_dim"], generator=g).to(device),
-        noise=torch.randn(1, c, f, h, w, generator=g).to(device),
-        sigma=torch.tensor([0.7], device=device), timestep=torch.tensor([700.0], device=device))
+
+    def make_batch(f: int) -> PairBatch:  # one pair; one (t, ε) shared by win and lose
+        g = torch.Generator().manual_seed(1)
+        return PairBatch(
+            win=torch.randn(1, c, f, h, w, generator=g).to(device),
+            lose=torch.randn(1, c, f, h, w, generator=g).to(device),
+            prompt_embeds=torch.randn(1, TEXT_LEN, config["text_dim"], generator=g).to(device),
+            noise=torch.randn(1, c, f, h, w, generator=g).to(device),
+            sigma=torch.tensor([0.7], device=device), timestep=torch.tensor([700.0], device=device))
+
+    batch = make_batch(f)
     if cuda:
         torch.cuda.synchronize()
         baseline = torch.cuda.memory_allocated(device)
@@ -175,9 +194,9 @@ def _run_config(job: dict[str, Any]) -> dict[str, Any]:
         cpu_peak = CpuPeak()
 
     # -- the path's setup (counted in its peak) ----------------------------------------------
-    naive = job["path"] == "naive"
-    parallel = ParallelConfig(pair_batch=not naive, gradient_checkpointing=not naive, bf16=True,
-                              checkpoint_every=job["checkpoint_every"])
+    naive, planned = job["path"] == "naive", job["path"] == "planned"
+    parallel = ParallelConfig(pair_batch=not naive, gradient_checkpointing=job["path"] == "optimized",
+                              bf16=True, checkpoint_every=job["checkpoint_every"])
     cfg = SimpleNamespace(parallel=parallel, loss=PreferenceLoss(kind="regdpo"))
     reference = None
     if naive:
@@ -195,6 +214,39 @@ def _run_config(job: dict[str, Any]) -> dict[str, Any]:
         return view
 
     policy = trainer_view(model)
+    restore_plan = partial(checkpoint_blocks, model, job["checkpoint_every"])
+    plan = None
+    if planned:
+        # The trainer's memory_budget_gb path (tasks.train.Trainer._plan_memory): probe steps
+        # at F = 1 and 2, every block stored then every block recomputed, scaled to F.
+        def probe_step(f: int) -> None:
+            Trainer.forward_backward_step(policy, make_batch(f), 1.0)
+            optimizer.zero_grad(set_to_none=True)
+
+        adam = 2 * sum(p.numel() * 4 for p in params)  # AdamW's moments, not there yet
+        profile = measure_profile(model, device, probe_step, extra=adam)
+        # The budget is over the post-build baseline on CPU, absolute on CUDA (see the peaks).
+        offset = 0 if cuda else cpu_peak.baseline
+        try:
+            plan = plan_memory(profile, job["budget"] + offset, f, offload=job["offload"])
+        except BudgetTooSmall as e:
+            return dict(path=job["path"], frames=f, error=f"no plan: {e}")
+        restore_plan = partial(apply_block_plan, model, plan.recompute, plan.offload)
+        restore_plan()
+        if cuda:  # the probes' peaks are not the step's
+            torch.cuda.reset_peak_memory_stats(device)
+        else:
+            cpu_peak.rearm()
+        largest = f  # the largest F the planner finds a plan for (predicted, not measured)
+        while largest < 4096 and profile.peak(largest + 1, 0) <= job["budget"] + offset:
+            largest += 1
+        plan_info = dict(plan=plan.describe(), recomputed=plan.recomputed,
+                         offloaded=plan.offloaded, blocks=len(plan.recompute),
+                         predicted_peak=plan.peak_bytes - offset, largest_planned_f=largest,
+                         profile=dict(blocks=profile.blocks, extra=profile.extra,
+                                      stored=[profile.stored.intercept - offset, profile.stored.slope],
+                                      recomputed=[profile.recomputed.intercept - offset,
+                                                  profile.recomputed.slope]))
 
     def forward_backward() -> None:
         if not naive:
@@ -240,6 +292,8 @@ def _run_config(job: dict[str, Any]) -> dict[str, Any]:
         method = f"peak RSS over the post-build baseline ({cpu_peak.method})"
     result = dict(path=job["path"], frames=f, peak=peak, peak_over_base=peak_over_base,
                   method=method, params=n_params, lora_params=n_lora)
+    if plan is not None:
+        result |= plan_info
 
     # -- the ideal, on the same model in the same process: no recompute, no optimizer --------
     # Measured after the peak was read. Rounds alternate (ideal, optimized step) so that load
@@ -254,7 +308,7 @@ def _run_config(job: dict[str, Any]) -> dict[str, Any]:
                 return time.perf_counter() - t0
             finally:
                 optimizer.zero_grad(set_to_none=True)
-                checkpoint_blocks(model, job["checkpoint_every"])
+                restore_plan()
 
         try:
             ideal()  # warm the no-checkpointing path (its larger buffers)
@@ -341,6 +395,86 @@ def linear_fit(results: dict[int, dict[str, Any]]) -> tuple[float, float] | None
     return mp_ - slope * mf, slope
 
 
+def _plan_or_none(profile: MemoryProfile, budget: float, frames: int) -> MemoryPlan | None:
+    try:
+        return plan_memory(profile, budget, frames)
+    except BudgetTooSmall:
+        return None
+
+
+CAPACITY_TARGET, STEP_TARGET = 4.0, 1.1  # the issue's: >= 4x naive F, <= 1.1x ideal step
+
+
+def joint_report(results: dict[str, dict[int, dict[str, Any]]], budget: float,
+                 run_planned: Any) -> None:
+    """The planner's setting at 4x the naive path's largest F under the same budget: measured
+    peak and step over ideal, side by side in one process, and whether both targets hold."""
+    fit_n, _ = largest_fit(results["naive"], budget)
+    target = int(CAPACITY_TARGET * fit_n)
+
+    def run(f: int) -> tuple[dict[str, Any], float | None]:
+        r = results["planned"][f] = run_planned(f)
+        print(f"planned (train.parallel.memory_budget_gb = the budget; infra/memory_plan.py from "
+              f"probe steps at F=1,2) at F={f} = {f / fit_n:.2f}x the naive F={fit_n}:")
+        if "error" in r:
+            print(f"  {r['error']}")
+            return r, None
+        step = r["step_s"] / r["ideal_s"] if r.get("ideal_s") else None
+        fb = r["fb_s"] / r["ideal_s"] if r.get("ideal_s") else None
+        print(f"  {r['plan']}")
+        print(f"  measured peak {_fmt_mem(r['peak'])} MiB (predicted "
+              f"{_fmt_mem(r['predicted_peak'])}, budget {_fmt_mem(budget)}); step "
+              f"{_fmt_s(r['step_s'])} s, ideal {_fmt_s(r.get('ideal_s'))} s: {step:.2f}x full "
+              f"step, {fb:.2f}x forward+backward; the planner's largest F at this budget: "
+              f"{r['largest_planned_f']} (predicted, every block recomputed)", flush=True)
+        return r, step
+
+    r, step = run(target)
+    if "error" in r:
+        print(f"joint: not met: the planner found no setting that fits F={target} in the budget")
+        return
+    fits = r["peak"] <= budget
+    meets = fits and step is not None and step <= STEP_TARGET
+    if meets:
+        print(f"joint: both targets met by the planned setting: capacity {target / fit_n:.2f}x "
+              f"naive (target >= {CAPACITY_TARGET:g}x) at {step:.2f}x ideal step (target <= "
+              f"{STEP_TARGET:g}x)")
+        return
+    why = []
+    if not fits:
+        why.append(f"the measured peak is above the budget (the linear model from F=1,2 "
+                   f"under-predicts at F={target})")
+    if step is not None and step > STEP_TARGET:
+        why.append(f"recomputing {r['recomputed']}/{r['blocks']} blocks, the fewest that fit, "
+                   f"costs {step:.2f}x" + ("; on CPU offload frees nothing (host memory is the "
+                   "device's), so recompute is the only lever" if r["offloaded"] == 0 else ""))
+    print(f"joint: not met at F={target}: " + "; ".join(why), flush=True)
+    if not fits or step is None or not r["recomputed"]:
+        return
+    # The best joint point: the recompute this measurement allows within the step target
+    # (its cost per block), and the largest F the planner fits with no more than that.
+    per_block = (step - 1) / r["recomputed"]
+    allowed = int((STEP_TARGET - 1) / per_block) if per_block > 0 else r["blocks"]
+    prof = r["profile"]
+    profile = MemoryProfile(prof["blocks"], Line(*prof["stored"]), Line(*prof["recomputed"]),
+                            prof["extra"])
+    candidates = [f for f in range(fit_n, target)
+                  if _plan_or_none(profile, budget, f) is not None
+                  and _plan_or_none(profile, budget, f).recomputed <= allowed]
+    if not candidates:
+        print(f"best joint point: none above the naive F={fit_n} (at {per_block:.3f}x of the "
+              f"ideal step per recomputed block, {allowed} may be recomputed)")
+        return
+    best = max(candidates)
+    r2, step2 = run(best)
+    if step2 is not None:
+        met = r2["peak"] <= budget and step2 <= STEP_TARGET
+        print(f"best joint point: capacity {best / fit_n:.2f}x naive at {step2:.2f}x ideal step "
+              f"({'both within' if met else 'not within'} their limits there; recompute costs "
+              f"~{per_block:.3f}x of the ideal step per block, so <= {allowed} of "
+              f"{r['blocks']} blocks keep the step <= {STEP_TARGET:g}x)")
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--config", choices=sorted(CONFIGS), default=None,
@@ -358,6 +492,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--checkpoint-every", type=int, default=1,
                    help="optimized path: recompute every k-th block only (selective activation "
                         "checkpointing, train.parallel.checkpoint_every; 1 = every block)")
+    p.add_argument("--offload", action="store_true",
+                   help="planned path: let the planner offload activations to host memory "
+                        "(train.parallel.offload_activations; CUDA only, on CPU it is the same memory)")
+    p.add_argument("--plan-steps", type=int, default=3,
+                   help="timed steps (alternating with the ideal) of the planned point")
     p.add_argument("--warmup", type=int, default=1, help="untimed steps per configuration")
     p.add_argument("--steps", type=int, default=None, help="timed steps (default 2 CPU, 3 CUDA)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads in the children")
@@ -394,7 +533,8 @@ def main(argv: list[str] | None = None) -> None:
     def job(path: str, f: int) -> dict[str, Any]:
         return dict(path=path, frames=f, device=device, config=config, latent_hw=(h, w),
                     rank=args.rank, warmup=args.warmup, steps=steps, threads=args.threads,
-                    ideal=True, checkpoint_every=args.checkpoint_every)
+                    ideal=True, checkpoint_every=args.checkpoint_every, budget=None,
+                    offload=args.offload and on_cuda)
 
     dim = cfg["num_attention_heads"] * cfg["attention_head_dim"]
     print(f"train_memory: WanTransformer3DModel '{config}' ({cfg['num_layers']} blocks, dim {dim}, "
@@ -480,7 +620,6 @@ def main(argv: list[str] | None = None) -> None:
             if nxt <= max_frames:
                 queue.append(nxt)
 
-    elapsed = time.perf_counter() - t_start
     print()
     print(f"memory: {metric}")
     some = next((r for res in results.values() for r in res.values() if "params" in r), None)
@@ -523,7 +662,11 @@ def main(argv: list[str] | None = None) -> None:
         print(f"step time optimized / ideal at F={f_last}: {full:.2f}x full step, {fb:.2f}x "
               f"forward+backward only (issue target <= 1.1x); over all F: "
               + ", ".join(f"F={f}: {x:.2f}x" for f, x, _ in ratios))
-    print(f"wall time {elapsed:.0f} s")
+    if budget is not None and largest_fit(results["naive"], budget)[0]:
+        results["planned"] = {}
+        joint_report(results, budget, run_planned=lambda f: run_fresh(
+            ctx, job("planned", f) | dict(budget=budget, steps=args.plan_steps), args.timeout))
+    print(f"wall time {time.perf_counter() - t_start:.0f} s")
     if args.json:
         Path(args.json).write_text(json.dumps(
             dict(config=config, device=device, latent_hw=[h, w], budget=budget,

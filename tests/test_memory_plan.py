@@ -12,6 +12,11 @@ MiB = 2**20
 PROFILE = MemoryProfile(8, stored=Line(100 * MiB, 80 * MiB), recomputed=Line(100 * MiB, 16 * MiB))
 
 
+def exact(*args, **kw):
+    """The plan without the planner's headroom: the arithmetic below is exact."""
+    return plan_memory(*args, headroom=0, **kw)
+
+
 def test_a_line_through_probe_points() -> None:
     line = Line.through([(1, 180.0), (2, 260.0)])
     assert (line.intercept, line.slope) == pytest.approx((100.0, 80.0))
@@ -22,20 +27,20 @@ def test_a_line_through_probe_points() -> None:
 
 def test_the_plan_takes_the_fewest_blocks_off_the_device() -> None:
     # F=10: all stored = 900 MiB, all recomputed = 260 MiB, 80 MiB per stored block.
-    assert plan_memory(PROFILE, 900 * MiB, 10).recomputed == 0
-    plan = plan_memory(PROFILE, 899 * MiB, 10)
+    assert exact(PROFILE, 900 * MiB, 10).recomputed == 0
+    plan = exact(PROFILE, 899 * MiB, 10)
     assert plan.recompute == (True,) + (False,) * 7 and plan.offloaded == 0
-    plan = plan_memory(PROFILE, 500 * MiB, 10)  # 260 + 3·80 = 500: three blocks stay
+    plan = exact(PROFILE, 500 * MiB, 10)  # 260 + 3·80 = 500: three blocks stay
     assert plan.recomputed == 5 and plan.peak_bytes == pytest.approx(500 * MiB)
     assert plan.recompute == (True,) * 5 + (False,) * 3  # the first blocks recompute
-    assert plan_memory(PROFILE, 260 * MiB, 10).recomputed == 8
-    assert "recompute 5/8 blocks" in plan_memory(PROFILE, 500 * MiB, 10).describe()
+    assert exact(PROFILE, 260 * MiB, 10).recomputed == 8
+    assert "recompute 5/8 blocks" in exact(PROFILE, 500 * MiB, 10).describe()
 
 
 def test_offload_comes_before_recompute_up_to_what_host_memory_holds() -> None:
-    plan = plan_memory(PROFILE, 500 * MiB, 10, offload=True)
+    plan = exact(PROFILE, 500 * MiB, 10, offload=True)
     assert (plan.recomputed, plan.offloaded) == (0, 5)
-    plan = plan_memory(PROFILE, 500 * MiB, 10, offload=True, host_bytes=2.5 * 80 * MiB)
+    plan = exact(PROFILE, 500 * MiB, 10, offload=True, host_bytes=2.5 * 80 * MiB)
     assert (plan.recomputed, plan.offloaded) == (3, 2)
     assert plan.recompute == (True,) * 3 + (False,) * 5
     assert plan.offload == (False,) * 3 + (True,) * 2 + (False,) * 3
@@ -43,6 +48,8 @@ def test_offload_comes_before_recompute_up_to_what_host_memory_holds() -> None:
 
 def test_the_optimizer_state_counts_and_a_budget_too_small_names_the_floor() -> None:
     with_adam = MemoryProfile(8, PROFILE.stored, PROFILE.recomputed, extra=80 * MiB)
-    assert plan_memory(with_adam, 500 * MiB, 10).recomputed == 6
+    assert exact(with_adam, 500 * MiB, 10).recomputed == 6
     with pytest.raises(BudgetTooSmall, match=r"needs 0\.254 GiB .* every block's activations"):
-        plan_memory(PROFILE, 200 * MiB, 10)
+        exact(PROFILE, 200 * MiB, 10)
+    # the default headroom plans against 95% of the budget: 500 MiB leaves 475 for the blocks
+    assert plan_memory(PROFILE, 500 * MiB, 10).recomputed == 6
