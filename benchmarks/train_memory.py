@@ -34,7 +34,9 @@ its timed steps, with gradient checkpointing switched off (no recompute), win an
 as in the optimized path, and no clipping or optimizer step: Trainer.forward_backward_step
 timed alone. It is measured after the peak was read, in rounds alternating with optimized
 steps (so load from other processes hits both alike); each time is the minimum over its repeats.
-Both the full-step ratio and the forward+backward-only ratio (fb/ideal) are printed.
+Both the full-step ratio and the forward+backward-only ratio (fb/ideal) are printed. On CPU every
+time is the child's process CPU time (time.process_time, all its threads): on a shared machine,
+wall time also counts the time other processes held the cores, which swung single steps by 10x.
 
 Last, the planner (train.parallel.memory_budget_gb; infra/memory_plan.py): at F = 4x the naive
 path's largest F under the budget, a fresh process runs the trainer's probe steps (F = 1 and 2,
@@ -268,16 +270,20 @@ def _run_config(job: dict[str, Any]) -> dict[str, Any]:
         if cuda:
             torch.cuda.synchronize()
 
+    # CPU: the process's CPU time (all its threads), which other processes on a shared machine
+    # do not inflate the way they inflate wall time; CUDA: wall time after a synchronize.
+    clock = time.perf_counter if cuda else time.process_time
+
     def step() -> tuple[float, float]:
-        t0 = time.perf_counter()
+        t0 = clock()
         forward_backward()
         sync()
-        t1 = time.perf_counter()
+        t1 = clock()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         sync()
-        return t1 - t0, time.perf_counter() - t0
+        return t1 - t0, clock() - t0
 
     for _ in range(job["warmup"]):
         step()
@@ -302,10 +308,10 @@ def _run_config(job: dict[str, Any]) -> dict[str, Any]:
         def ideal() -> float:
             model.disable_gradient_checkpointing()
             try:
-                t0 = time.perf_counter()
+                t0 = clock()
                 Trainer.forward_backward_step(policy, batch, 1.0)
                 sync()
-                return time.perf_counter() - t0
+                return clock() - t0
             finally:
                 optimizer.zero_grad(set_to_none=True)
                 restore_plan()
@@ -545,7 +551,8 @@ def main(argv: list[str] | None = None) -> None:
     print(f"latent {h}x{w} -> {tokens_per_frame} tokens/frame; 1 pair, 512 text tokens; "
           f"LoRA rank {args.rank}; Reg-DPO loss; optimized path recomputes every "
           f"{args.checkpoint_every} block(s); {args.warmup} warmup + {steps} timed steps "
-          "(min) per config, each config in a fresh process", flush=True)
+          "(min) per config, each config in a fresh process; times are "
+          f"{'wall time' if on_cuda else 'process CPU time'}", flush=True)
 
     budget = None if args.budget_gb is None else args.budget_gb * 2**30
     budget_note = "--budget-gb" if budget is not None else None
