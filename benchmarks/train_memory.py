@@ -35,8 +35,9 @@ as in the optimized path, and no clipping or optimizer step: Trainer.forward_bac
 timed alone. It is measured after the peak was read, in rounds alternating with optimized
 steps (so load from other processes hits both alike); each time is the minimum over its repeats.
 Both the full-step ratio and the forward+backward-only ratio (fb/ideal) are printed. On CPU every
-time is the child's process CPU time (time.process_time, all its threads): on a shared machine,
-wall time also counts the time other processes held the cores, which swung single steps by 10x.
+time is the child's process CPU time (time.process_time) on one thread by default: on a shared
+machine, wall time also counts the time other processes held the cores, which swung single steps
+by 10x, and with two threads OpenMP's spin-waiting on a descheduled partner still did 2x.
 
 Last, the planner (train.parallel.memory_budget_gb; infra/memory_plan.py): at F = 4x the naive
 path's largest F under the budget, a fresh process runs the trainer's probe steps (F = 1 and 2,
@@ -505,7 +506,10 @@ def main(argv: list[str] | None = None) -> None:
                    help="timed steps (alternating with the ideal) of the planned point")
     p.add_argument("--warmup", type=int, default=1, help="untimed steps per configuration")
     p.add_argument("--steps", type=int, default=None, help="timed steps (default 2 CPU, 3 CUDA)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads in the children")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads in the children (default 1 on CPU: with more, OpenMP "
+                        "workers spin while a partner is descheduled, and on a shared machine "
+                        "that spin lands in the process CPU time the ratios are taken from)")
     p.add_argument("--quick", action="store_true",
                    help="a short CPU run: F in 1,2,4, growth to 16, 1 timed step")
     p.add_argument("--timeout", type=float, default=900, help="seconds per configuration")
@@ -525,6 +529,7 @@ def main(argv: list[str] | None = None) -> None:
     hw = args.latent_hw or ("60x104" if on_cuda else "16x16")
     h, w = (int(x) for x in hw.lower().split("x"))
     steps = args.steps or (1 if args.quick else (3 if on_cuda else 2))
+    threads = args.threads or (None if on_cuda else 1)
     cfg = CONFIGS[config]
     tokens_per_frame = (h // cfg["patch_size"][1]) * (w // cfg["patch_size"][2])
 
@@ -538,7 +543,7 @@ def main(argv: list[str] | None = None) -> None:
 
     def job(path: str, f: int) -> dict[str, Any]:
         return dict(path=path, frames=f, device=device, config=config, latent_hw=(h, w),
-                    rank=args.rank, warmup=args.warmup, steps=steps, threads=args.threads,
+                    rank=args.rank, warmup=args.warmup, steps=steps, threads=threads,
                     ideal=True, checkpoint_every=args.checkpoint_every, budget=None,
                     offload=args.offload and on_cuda)
 
@@ -547,7 +552,7 @@ def main(argv: list[str] | None = None) -> None:
           f"{cfg['num_attention_heads']} heads x {cfg['attention_head_dim']}, ffn "
           f"{cfg['ffn_dim']}, text_dim {cfg['text_dim']}), random weights, device {device} "
           f"({'bf16 weights + autocast' if on_cuda else 'float32'}, torch {torch.__version__}, "
-          f"{torch.get_num_threads() if args.threads is None else args.threads} threads)")
+          f"{torch.get_num_threads() if threads is None else threads} threads)")
     print(f"latent {h}x{w} -> {tokens_per_frame} tokens/frame; 1 pair, 512 text tokens; "
           f"LoRA rank {args.rank}; Reg-DPO loss; optimized path recomputes every "
           f"{args.checkpoint_every} block(s); {args.warmup} warmup + {steps} timed steps "
