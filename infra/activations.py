@@ -118,6 +118,13 @@ def peak_memory(device: torch.device, run: Callable[[], None]) -> int:
     return _rss("VmHWM")
 
 
+def optimizer_bytes(params: list[torch.nn.Parameter]) -> int:
+    """What AdamW adds to a step that probe steps (forward + backward only) do not hold: its two
+    fp32 moments per weight and its foreach update's temporaries (about two more copies): with
+    2 copies the F=2 plan of benchmarks/train_memory.py read 15 MiB under its measured peak."""
+    return 4 * sum(p.numel() * 4 for p in params)
+
+
 def measure_profile(transformer: torch.nn.Module, device: torch.device,
                     step: Callable[[int], None], frames: Sequence[int] = (1, 2),
                     extra: float = 0.0,

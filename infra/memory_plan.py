@@ -14,9 +14,9 @@ where stored(F) = a_s + b_s·F is the peak measured with every block storing its
 recomputed(F) = a_r + b_r·F the peak with every block recomputed (the probe steps of
 infra.activations.measure_profile at F = 1 and 2). A block whose activations are offloaded
 to host memory is counted like a recomputed one: its saved tensors leave the device, what stays
-(its input, the copy in flight) is no more than a recomputed block keeps. Not modelled: the
-allocator's fragmentation at the full size (give the budget some headroom) and attention whose
-memory grows with tokens² (none of the kernels used here).
+(its input, the copy in flight) is no more than a recomputed block keeps. The planner adds
+HEADROOM to the part it extrapolates. Not modelled: the allocator's fragmentation at the full
+size and attention whose memory grows with tokens² (none of the kernels used here).
 
 The choice, for F frames and a budget: the fewest blocks taken off the device. With offload
 switched on, offloaded blocks come first (no recompute) up to what host memory holds; the
@@ -30,8 +30,9 @@ import math
 from dataclasses import dataclass
 
 GiB = 2**30
-# Plans aim at this fraction of the budget below it: the line from F = 1, 2 under-predicted the
-# measured peak by up to 2% at F = 7-8 in benchmarks/train_memory.py (CPU, small config).
+# Plans add this fraction to the part of the peak they extrapolate (everything above the
+# probes' all-recomputed intercept): the line from F = 1, 2 missed the measured peak by -2% to
+# +5% of that part at F = 3-8 in benchmarks/train_memory.py (CPU, small config).
 HEADROOM = 0.05
 
 
@@ -108,23 +109,25 @@ class BudgetTooSmall(ValueError):
 def plan_memory(profile: MemoryProfile, budget_bytes: float, frames: int,
                 offload: bool = False, host_bytes: float = math.inf,
                 headroom: float = HEADROOM) -> MemoryPlan:
-    """The plan for `frames` latent frames that fits `budget_bytes` (less `headroom`, a fraction)
-    taking the fewest blocks off the device: offloaded first when `offload` (as many as
+    """The plan for `frames` latent frames that fits `budget_bytes` (the extrapolated part of
+    the prediction raised by `headroom`, a fraction) taking the fewest blocks off the device: offloaded first when `offload` (as many as
     `host_bytes` holds), then recomputed. Raises BudgetTooSmall (naming the smallest budget that
     fits) when none does."""
     n = profile.blocks
-    floor = profile.peak(frames, 0)
-    usable = budget_bytes * (1 - headroom)
-    if floor > usable:
+    fixed = profile.extra + profile.recomputed.intercept  # measured at the probes' size as is
+
+    def need(on_device: int) -> float:  # the prediction, its extrapolated part raised
+        return fixed + (1 + headroom) * (profile.peak(frames, on_device) - fixed)
+
+    if need(0) > budget_bytes:
         raise BudgetTooSmall(
-            f"a step at F={frames} latent frames needs {floor / GiB:.3f} GiB even with every "
-            f"block's activations off the device, {floor / (1 - headroom) / GiB:.3f} GiB with "
-            f"the planner's {headroom:.0%} headroom (measured: "
-            f"{profile.recomputed.at(frames) / GiB:.3f} GiB with all {n} blocks recomputed); "
-            f"the budget is {budget_bytes / GiB:.3f} GiB")
-    per_block = profile.block_bytes(frames)
+            f"a step at F={frames} latent frames needs {need(0) / GiB:.3f} GiB even with every "
+            f"block's activations off the device (predicted {profile.peak(frames, 0) / GiB:.3f}"
+            f" GiB with all {n} blocks recomputed, plus the planner's {headroom:.0%} margin on "
+            f"what it extrapolates); the budget is {budget_bytes / GiB:.3f} GiB")
+    per_block = profile.block_bytes(frames) * (1 + headroom)
     on_device = n if per_block == 0 else min(
-        n, math.floor((usable - floor) / per_block + 1e-9))
+        n, math.floor((budget_bytes - need(0)) / per_block + 1e-9))
     off = n - on_device
     offloaded = 0
     if offload and per_block > 0:

@@ -51,7 +51,7 @@ from diffusers import WanTransformer3DModel
 from torch import Tensor
 
 from infra.checkpoint import ADAPTER_FILE, Checkpointer, save_final_adapter
-from infra.activations import apply_block_plan, measure_profile
+from infra.activations import apply_block_plan, measure_profile, optimizer_bytes
 from infra.config import OptimizerConfig, TrainConfig, yaml_load
 from infra.config.train import RUN_CONTROL
 from infra.distributed import Layout, check_grid, shutdown
@@ -352,11 +352,9 @@ class Trainer:
             for param in lora:
                 param.grad = None
 
-        # AdamW's two fp32 moments per LoRA weight are not there yet during the probes.
-        adam = 2 * sum(param.numel() * 4 for param in lora)
         with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
             profile = measure_profile(self.transformer, self.device, step,
-                                      frames=(1, 2) if frames > 1 else (1,), extra=adam,
+                                      frames=(1, 2) if frames > 1 else (1,), extra=optimizer_bytes(lora),
                                       agree=self.layout.max_values)
         ranks_here = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
         host = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / 2 / ranks_here

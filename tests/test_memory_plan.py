@@ -51,5 +51,5 @@ def test_the_optimizer_state_counts_and_a_budget_too_small_names_the_floor() -> 
     assert exact(with_adam, 500 * MiB, 10).recomputed == 6
     with pytest.raises(BudgetTooSmall, match=r"needs 0\.254 GiB .* every block's activations"):
         exact(PROFILE, 200 * MiB, 10)
-    # the default headroom plans against 95% of the budget: 500 MiB leaves 475 for the blocks
+    # the default 5% margin on the extrapolated part: 260 + 1.05·(160 + 2·80) = 436 fits 500, 3 blocks do not
     assert plan_memory(PROFILE, 500 * MiB, 10).recomputed == 6
