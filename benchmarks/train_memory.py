@@ -34,7 +34,17 @@ its timed steps, with gradient checkpointing switched off (no recompute), win an
 as in the optimized path, and no clipping or optimizer step: Trainer.forward_backward_step
 timed alone. It is measured after the peak was read, in rounds alternating with optimized
 steps (so load from other processes hits both alike); each time is the minimum over its repeats.
-Both the full-step ratio and the forward+backward-only ratio (fb/ideal) are printed.
+Both the full-step ratio and the forward+backward-only ratio (fb/ideal) are printed. On CPU every
+time is the child's process CPU time (time.process_time) on one thread by default: on a shared
+machine, wall time also counts the time other processes held the cores, which swung single steps
+by 10x, and with two threads OpenMP's spin-waiting on a descheduled partner still did 2x.
+
+Last, the planner (train.parallel.memory_budget_gb; infra/memory_plan.py): at F = 4x the naive
+path's largest F under the budget, a fresh process runs the trainer's probe steps (F = 1 and 2,
+every block stored, then every block recomputed), plans the fewest blocks to recompute (or, with
+--offload on CUDA, to offload) for the budget, and measures that setting's peak and its step over
+the ideal as above (--plan-steps alternating rounds). It prints the plan, the predicted and the
+measured peak, and `joint: ...`: both targets met by that one setting, or which one is not and why.
 
 On CPU the children run with a fixed small glibc mmap threshold (MALLOC_MMAP_THRESHOLD_), so
 freed activation buffers go back to the OS and RSS follows live memory rather than the
@@ -68,6 +78,7 @@ from types import SimpleNamespace
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from infra.memory_plan import BudgetTooSmall, Line, MemoryPlan, MemoryProfile, plan_memory  # noqa: E402  (torch-free)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 # Only what the fork server preloads; torch/diffusers come in through these.
@@ -120,6 +131,12 @@ class CpuPeak:
             self.method = "ru_maxrss (not reset: includes model build)"
             self.baseline = self.baseline or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
+    def rearm(self) -> None:
+        """Reset the peak to the current RSS again (after work that is not the measured step)."""
+        gc.collect()
+        if self.method.startswith("VmHWM"):
+            Path("/proc/self/clear_refs").write_text("5")
+
     def peak(self) -> int:
         hwm = _proc_status().get("VmHWM")
         if hwm is None or not self.method.startswith("VmHWM"):
@@ -131,6 +148,7 @@ def _run_config(job: dict[str, Any]) -> dict[str, Any]:
     import torch
     from diffusers import WanTransformer3DModel
 
+    from infra.activations import apply_block_plan, measure_profile, optimizer_bytes
     from infra.parallel import ParallelConfig, checkpoint_blocks, pair_forward, parallelize
     from losses import PreferenceLoss, preference_loss
     from models.wan import TEXT_LEN, add_lora, lora_parameters
@@ -160,13 +178,17 @@ def _run_config(job: dict[str, Any]) -> dict[str, Any]:
     n_params = sum(p.numel() for p in model.parameters())
     f, (h, w) = job["frames"], job["latent_hw"]
     c = config["out_channels"]
-    g = torch.Generator().manual_seed(1)
-    batch = PairBatch(  # one pair; one (t, ε) shared by win and lose as in the trainer
-        win=torch.randn(1, c, f, h, w, generator=g).to(device),
-        lose=torch.randn(1, c, f, h, w, generator=g).to(device),
-        prompt_embeds=torch.randn(1, TEXT_LEN, config["text_dim"], generator=g).to(device),
-        noise=torch.randn(1, c, f, h, w, generator=g).to(device),
-        sigma=torch.tensor([0.7], device=device), timestep=torch.tensor([700.0], device=device))
+
+    def make_batch(f: int) -> PairBatch:  # one pair; one (t, ε) shared by win and lose
+        g = torch.Generator().manual_seed(1)
+        return PairBatch(
+            win=torch.randn(1, c, f, h, w, generator=g).to(device),
+            lose=torch.randn(1, c, f, h, w, generator=g).to(device),
+            prompt_embeds=torch.randn(1, TEXT_LEN, config["text_dim"], generator=g).to(device),
+            noise=torch.randn(1, c, f, h, w, generator=g).to(device),
+            sigma=torch.tensor([0.7], device=device), timestep=torch.tensor([700.0], device=device))
+
+    batch = make_batch(f)
     if cuda:
         torch.cuda.synchronize()
         baseline = torch.cuda.memory_allocated(device)
@@ -175,9 +197,9 @@ def _run_config(job: dict[str, Any]) -> dict[str, Any]:
         cpu_peak = CpuPeak()
 
     # -- the path's setup (counted in its peak) ----------------------------------------------
-    naive = job["path"] == "naive"
-    parallel = ParallelConfig(pair_batch=not naive, gradient_checkpointing=not naive, bf16=True,
-                              checkpoint_every=job["checkpoint_every"])
+    naive, planned = job["path"] == "naive", job["path"] == "planned"
+    parallel = ParallelConfig(pair_batch=not naive, gradient_checkpointing=job["path"] == "optimized",
+                              bf16=True, checkpoint_every=job["checkpoint_every"])
     cfg = SimpleNamespace(parallel=parallel, loss=PreferenceLoss(kind="regdpo"))
     reference = None
     if naive:
@@ -195,6 +217,39 @@ def _run_config(job: dict[str, Any]) -> dict[str, Any]:
         return view
 
     policy = trainer_view(model)
+    restore_plan = partial(checkpoint_blocks, model, job["checkpoint_every"])
+    plan = None
+    if planned:
+        # The trainer's memory_budget_gb path (tasks.train.Trainer._plan_memory): probe steps
+        # at F = 1 and 2, every block stored then every block recomputed, scaled to F.
+        def probe_step(f: int) -> None:
+            Trainer.forward_backward_step(policy, make_batch(f), 1.0)
+            optimizer.zero_grad(set_to_none=True)
+
+        profile = measure_profile(model, device, probe_step, extra=optimizer_bytes(params))
+        # The budget is over the post-build baseline on CPU, absolute on CUDA (see the peaks).
+        offset = 0 if cuda else cpu_peak.baseline
+        try:
+            plan = plan_memory(profile, job["budget"] + offset, f, offload=job["offload"])
+        except BudgetTooSmall as e:
+            return dict(path=job["path"], frames=f, error=f"no plan: {e}")
+        restore_plan = partial(apply_block_plan, model, plan.recompute, plan.offload)
+        restore_plan()
+        if cuda:  # the probes' peaks are not the step's
+            torch.cuda.reset_peak_memory_stats(device)
+        else:
+            cpu_peak.rearm()
+        largest = f  # the largest F the planner finds a plan for (predicted, not measured)
+        while largest < 4096 and profile.peak(largest + 1, 0) <= job["budget"] + offset:
+            largest += 1
+        plan_info = dict(plan=plan.describe(), recomputed=plan.recomputed,
+                         offloaded=plan.offloaded, blocks=len(plan.recompute),
+                         predicted_peak=plan.peak_bytes - offset, largest_planned_f=largest,
+                         offset=offset,
+                         profile=dict(blocks=profile.blocks, extra=profile.extra,
+                                      stored=[profile.stored.intercept, profile.stored.slope],
+                                      recomputed=[profile.recomputed.intercept,
+                                                  profile.recomputed.slope]))
 
     def forward_backward() -> None:
         if not naive:
@@ -216,16 +271,20 @@ def _run_config(job: dict[str, Any]) -> dict[str, Any]:
         if cuda:
             torch.cuda.synchronize()
 
+    # CPU: the process's CPU time (all its threads), which other processes on a shared machine
+    # do not inflate the way they inflate wall time; CUDA: wall time after a synchronize.
+    clock = time.perf_counter if cuda else time.process_time
+
     def step() -> tuple[float, float]:
-        t0 = time.perf_counter()
+        t0 = clock()
         forward_backward()
         sync()
-        t1 = time.perf_counter()
+        t1 = clock()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         sync()
-        return t1 - t0, time.perf_counter() - t0
+        return t1 - t0, clock() - t0
 
     for _ in range(job["warmup"]):
         step()
@@ -240,6 +299,8 @@ def _run_config(job: dict[str, Any]) -> dict[str, Any]:
         method = f"peak RSS over the post-build baseline ({cpu_peak.method})"
     result = dict(path=job["path"], frames=f, peak=peak, peak_over_base=peak_over_base,
                   method=method, params=n_params, lora_params=n_lora)
+    if plan is not None:
+        result |= plan_info
 
     # -- the ideal, on the same model in the same process: no recompute, no optimizer --------
     # Measured after the peak was read. Rounds alternate (ideal, optimized step) so that load
@@ -248,13 +309,13 @@ def _run_config(job: dict[str, Any]) -> dict[str, Any]:
         def ideal() -> float:
             model.disable_gradient_checkpointing()
             try:
-                t0 = time.perf_counter()
+                t0 = clock()
                 Trainer.forward_backward_step(policy, batch, 1.0)
                 sync()
-                return time.perf_counter() - t0
+                return clock() - t0
             finally:
                 optimizer.zero_grad(set_to_none=True)
-                checkpoint_blocks(model, job["checkpoint_every"])
+                restore_plan()
 
         try:
             ideal()  # warm the no-checkpointing path (its larger buffers)
@@ -341,6 +402,87 @@ def linear_fit(results: dict[int, dict[str, Any]]) -> tuple[float, float] | None
     return mp_ - slope * mf, slope
 
 
+def _plan_or_none(profile: MemoryProfile, budget: float, frames: int) -> MemoryPlan | None:
+    try:
+        return plan_memory(profile, budget, frames)
+    except BudgetTooSmall:
+        return None
+
+
+CAPACITY_TARGET, STEP_TARGET = 4.0, 1.1  # the issue's: >= 4x naive F, <= 1.1x ideal step
+
+
+def joint_report(results: dict[str, dict[int, dict[str, Any]]], budget: float,
+                 run_planned: Any) -> None:
+    """The planner's setting at 4x the naive path's largest F under the same budget: measured
+    peak and step over ideal, side by side in one process, and whether both targets hold."""
+    fit_n, _ = largest_fit(results["naive"], budget)
+    target = int(CAPACITY_TARGET * fit_n)
+
+    def run(f: int) -> tuple[dict[str, Any], float | None]:
+        r = results["planned"][f] = run_planned(f)
+        print(f"planned (train.parallel.memory_budget_gb = the budget; infra/memory_plan.py from "
+              f"probe steps at F=1,2) at F={f} = {f / fit_n:.2f}x the naive F={fit_n}:")
+        if "error" in r:
+            print(f"  {r['error']}")
+            return r, None
+        step = r["step_s"] / r["ideal_s"] if r.get("ideal_s") else None
+        fb = r["fb_s"] / r["ideal_s"] if r.get("ideal_s") else None
+        print(f"  {r['plan']}")
+        print(f"  measured peak {_fmt_mem(r['peak'])} MiB (predicted "
+              f"{_fmt_mem(r['predicted_peak'])}, budget {_fmt_mem(budget)}); step "
+              f"{_fmt_s(r['step_s'])} s, ideal {_fmt_s(r.get('ideal_s'))} s: {step:.2f}x full "
+              f"step, {fb:.2f}x forward+backward; the planner's largest F at this budget: "
+              f"{r['largest_planned_f']} (predicted, every block recomputed)", flush=True)
+        return r, step
+
+    r, step = run(target)
+    if "error" in r:
+        print(f"joint: not met: the planner found no setting that fits F={target} in the budget")
+        return
+    fits = r["peak"] <= budget
+    meets = fits and step is not None and step <= STEP_TARGET
+    if meets:
+        print(f"joint: both targets met by the planned setting: capacity {target / fit_n:.2f}x "
+              f"naive (target >= {CAPACITY_TARGET:g}x) at {step:.2f}x ideal step (target <= "
+              f"{STEP_TARGET:g}x)")
+        return
+    why = []
+    if not fits:
+        why.append(f"the measured peak is above the budget (the linear model from F=1,2 "
+                   f"under-predicts at F={target})")
+    if step is not None and step > STEP_TARGET:
+        why.append(f"recomputing {r['recomputed']}/{r['blocks']} blocks, the fewest that fit, "
+                   f"costs {step:.2f}x" + ("; on CPU offload frees nothing (host memory is the "
+                   "device's), so recompute is the only lever" if r["offloaded"] == 0 else ""))
+    print(f"joint: not met at F={target}: " + "; ".join(why), flush=True)
+    if not fits or step is None or not r["recomputed"]:
+        return
+    # The best joint point: the recompute this measurement allows within the step target
+    # (its cost per block), and the largest F the planner fits with no more than that.
+    per_block = (step - 1) / r["recomputed"]
+    allowed = int((STEP_TARGET - 1) / per_block) if per_block > 0 else r["blocks"]
+    prof = r["profile"]
+    profile = MemoryProfile(prof["blocks"], Line(*prof["stored"]), Line(*prof["recomputed"]),
+                            prof["extra"])
+    plans = {f: _plan_or_none(profile, budget + r["offset"], f) for f in range(fit_n, target)}
+    candidates = [f for f, plan in plans.items() if plan is not None and plan.recomputed <= allowed]
+    if not candidates:
+        print(f"best joint point: none above the naive F={fit_n} (at {per_block:.3f}x of the "
+              f"ideal step per recomputed block, {allowed} may be recomputed)")
+        return
+    best = max(candidates)
+    r2, step2 = run(best)
+    if step2 is not None:
+        print(f"best joint point: capacity {best / fit_n:.2f}x naive (F={best}) at {step2:.3f}x "
+              f"ideal step: peak {'within' if r2['peak'] <= budget else 'OVER'} the budget, step "
+              f"{'within' if step2 <= STEP_TARGET else 'OVER'} {STEP_TARGET:g}x (recompute costs "
+              f"~{per_block:.3f}x of the ideal step per block, so <= {allowed} of {r['blocks']} "
+              f"blocks keep the step <= {STEP_TARGET:g}x; {STEP_TARGET:g}x at "
+              f"{CAPACITY_TARGET:g}x capacity needs a block's activations off the device "
+              "without recompute: offload, on a GPU)")
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--config", choices=sorted(CONFIGS), default=None,
@@ -358,9 +500,17 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--checkpoint-every", type=int, default=1,
                    help="optimized path: recompute every k-th block only (selective activation "
                         "checkpointing, train.parallel.checkpoint_every; 1 = every block)")
+    p.add_argument("--offload", action="store_true",
+                   help="planned path: let the planner offload activations to host memory "
+                        "(train.parallel.offload_activations; CUDA only, on CPU it is the same memory)")
+    p.add_argument("--plan-steps", type=int, default=3,
+                   help="timed steps (alternating with the ideal) of the planned point")
     p.add_argument("--warmup", type=int, default=1, help="untimed steps per configuration")
     p.add_argument("--steps", type=int, default=None, help="timed steps (default 2 CPU, 3 CUDA)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads in the children")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads in the children (default 1 on CPU: with more, OpenMP "
+                        "workers spin while a partner is descheduled, and on a shared machine "
+                        "that spin lands in the process CPU time the ratios are taken from)")
     p.add_argument("--quick", action="store_true",
                    help="a short CPU run: F in 1,2,4, growth to 16, 1 timed step")
     p.add_argument("--timeout", type=float, default=900, help="seconds per configuration")
@@ -380,6 +530,7 @@ def main(argv: list[str] | None = None) -> None:
     hw = args.latent_hw or ("60x104" if on_cuda else "16x16")
     h, w = (int(x) for x in hw.lower().split("x"))
     steps = args.steps or (1 if args.quick else (3 if on_cuda else 2))
+    threads = args.threads or (None if on_cuda else 1)
     cfg = CONFIGS[config]
     tokens_per_frame = (h // cfg["patch_size"][1]) * (w // cfg["patch_size"][2])
 
@@ -393,19 +544,21 @@ def main(argv: list[str] | None = None) -> None:
 
     def job(path: str, f: int) -> dict[str, Any]:
         return dict(path=path, frames=f, device=device, config=config, latent_hw=(h, w),
-                    rank=args.rank, warmup=args.warmup, steps=steps, threads=args.threads,
-                    ideal=True, checkpoint_every=args.checkpoint_every)
+                    rank=args.rank, warmup=args.warmup, steps=steps, threads=threads,
+                    ideal=True, checkpoint_every=args.checkpoint_every, budget=None,
+                    offload=args.offload and on_cuda)
 
     dim = cfg["num_attention_heads"] * cfg["attention_head_dim"]
     print(f"train_memory: WanTransformer3DModel '{config}' ({cfg['num_layers']} blocks, dim {dim}, "
           f"{cfg['num_attention_heads']} heads x {cfg['attention_head_dim']}, ffn "
           f"{cfg['ffn_dim']}, text_dim {cfg['text_dim']}), random weights, device {device} "
           f"({'bf16 weights + autocast' if on_cuda else 'float32'}, torch {torch.__version__}, "
-          f"{torch.get_num_threads() if args.threads is None else args.threads} threads)")
+          f"{torch.get_num_threads() if threads is None else threads} threads)")
     print(f"latent {h}x{w} -> {tokens_per_frame} tokens/frame; 1 pair, 512 text tokens; "
           f"LoRA rank {args.rank}; Reg-DPO loss; optimized path recomputes every "
           f"{args.checkpoint_every} block(s); {args.warmup} warmup + {steps} timed steps "
-          "(min) per config, each config in a fresh process", flush=True)
+          "(min) per config, each config in a fresh process; times are "
+          f"{'wall time' if on_cuda else 'process CPU time'}", flush=True)
 
     budget = None if args.budget_gb is None else args.budget_gb * 2**30
     budget_note = "--budget-gb" if budget is not None else None
@@ -480,7 +633,6 @@ def main(argv: list[str] | None = None) -> None:
             if nxt <= max_frames:
                 queue.append(nxt)
 
-    elapsed = time.perf_counter() - t_start
     print()
     print(f"memory: {metric}")
     some = next((r for res in results.values() for r in res.values() if "params" in r), None)
@@ -523,7 +675,11 @@ def main(argv: list[str] | None = None) -> None:
         print(f"step time optimized / ideal at F={f_last}: {full:.2f}x full step, {fb:.2f}x "
               f"forward+backward only (issue target <= 1.1x); over all F: "
               + ", ".join(f"F={f}: {x:.2f}x" for f, x, _ in ratios))
-    print(f"wall time {elapsed:.0f} s")
+    if budget is not None and largest_fit(results["naive"], budget)[0]:
+        results["planned"] = {}
+        joint_report(results, budget, run_planned=lambda f: run_fresh(
+            ctx, job("planned", f) | dict(budget=budget, steps=args.plan_steps), args.timeout))
+    print(f"wall time {time.perf_counter() - t_start:.0f} s")
     if args.json:
         Path(args.json).write_text(json.dumps(
             dict(config=config, device=device, latent_hw=[h, w], budget=budget,

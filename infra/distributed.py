@@ -121,6 +121,14 @@ class Layout:
         dist.all_reduce(values)
         return metrics | dict(zip(names, (values / self.world).tolist()))
 
+    def max_values(self, values: list[float]) -> list[float]:
+        """Each value's maximum over all ranks (so that every rank plans from the same numbers)."""
+        if self.world == 1:
+            return values
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return t.tolist()
+
     def barrier(self) -> None:
         if self.world > 1:
             dist.barrier()

@@ -8,6 +8,9 @@ the one-process switches, tests/test_distributed.py for the multi-rank ones):
 - gradient_checkpointing diffusers' per-block activation recomputation (non-reentrant, so the
                          frozen base with trainable LoRA still gets its gradients);
                          `checkpoint_every` k recomputes only every k-th block (selective AC);
+- offload_activations    the blocks not recomputed keep their saved tensors in host memory
+                         (infra.activations; CUDA only in effect); with memory_budget_gb the
+                         trainer plans both per block (infra.memory_plan);
 - bf16                   autocast to bfloat16, on CUDA only (CPU autocast is slow and changes
                          the numbers the CPU tests compare); under FSDP on CUDA also FSDP2's
                          MixedPrecisionPolicy (bf16 gathered weights, fp32 reductions);
@@ -36,6 +39,7 @@ import torch
 from torch import Tensor
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+from infra.activations import apply_block_plan
 from infra.config import ParallelConfig
 from infra.distributed import Layout, apply_diffusers_cp, apply_gathered_kv, exchange_errors
 from models.wan import lora_parameters
@@ -47,8 +51,9 @@ def parallelize(transformer: torch.nn.Module, cfg: ParallelConfig,
     Order as in torchtitan: activation checkpointing, then the parallel layouts, FSDP last. The
     attention kernel comes first: context parallelism wraps the processors it configures."""
     backend = set_attention(transformer, cfg.attention)
-    if cfg.gradient_checkpointing:
-        checkpoint_blocks(transformer, cfg.checkpoint_every)
+    if cfg.gradient_checkpointing or cfg.offload_activations:
+        every = cfg.checkpoint_every if cfg.gradient_checkpointing else 0
+        checkpoint_blocks(transformer, every, offload=cfg.offload_activations)
     if layout is not None and layout.cp > 1:
         context_parallel(transformer, cfg, layout, backend)
     if cfg.fsdp and layout is not None and layout.world > 1:
@@ -115,21 +120,11 @@ def set_attention(transformer: torch.nn.Module, choice: str) -> str:
     return backend
 
 
-def checkpoint_blocks(transformer: torch.nn.Module, every: int) -> None:
-    """Recompute the activations of every `every`-th block in backward (diffusers' checkpointing
-    function: torch.utils.checkpoint, non-reentrant, so the block inputs need not require grad
-    for the LoRA weights inside the block to get gradients)."""
-    transformer.enable_gradient_checkpointing()
-    if every == 1:
-        return
-    recompute = transformer._gradient_checkpointing_func
-
-    def selective(block: torch.nn.Module, *args: object) -> object:
-        index = block_index[id(block)]
-        return recompute(block, *args) if index % every == 0 else block(*args)
-
-    block_index = {id(b): i for i, b in enumerate(transformer.blocks)}
-    transformer._gradient_checkpointing_func = selective
+def checkpoint_blocks(transformer: torch.nn.Module, every: int, offload: bool = False) -> None:
+    """Recompute the activations of every `every`-th block in backward (0 = none); with
+    `offload`, the other blocks keep theirs in host memory (infra.activations.apply_block_plan)."""
+    recompute = [every > 0 and i % every == 0 for i in range(len(transformer.blocks))]
+    apply_block_plan(transformer, recompute, [offload and not r for r in recompute])
 
 
 def fsdp_mixed_precision(cfg: ParallelConfig, device: torch.device) -> MixedPrecisionPolicy:

@@ -54,11 +54,13 @@ from diffusers import WanTransformer3DModel
 from torch import Tensor
 
 from infra import sharded_load
+from infra.activations import apply_block_plan, measure_profile, optimizer_bytes
 from infra.checkpoint import (ADAPTER_FILE, Checkpointer, load_adapter, read_adapter,
                               save_final_adapter)
 from infra.config import OptimizerConfig, TrainConfig, yaml_load
 from infra.config.train import RUN_CONTROL
 from infra.distributed import Layout, check_grid, shutdown
+from infra.memory_plan import GiB, BudgetTooSmall, MemoryPlan, plan_memory
 from infra.pairs_format import PairsDataset
 from infra.progress import Progress
 from infra.parallel import autocast, pair_forward, parallelize
@@ -347,6 +349,7 @@ class Trainer:
         self.transformer = self._build_policy(spec)
         scheduler = training_scheduler(spec, cfg.shift)
         self.sigmas, self.timesteps = scheduler.sigmas.float(), scheduler.timesteps.float()
+        self.memory_plan = self._plan_memory() if cfg.parallel.memory_budget_gb else None
         o = cfg.optimizer
         self.optimizer = torch.optim.AdamW(lora_parameters(self.transformer), lr=o.lr,
                                            betas=o.betas, weight_decay=o.weight_decay, eps=o.eps)
@@ -394,6 +397,50 @@ class Trainer:
         if self.cfg.reference == "previous":
             add_reference_adapter(transformer)
             load_adapter(transformer, data, source, adapter=REFERENCE_ADAPTER)
+
+    def _plan_memory(self) -> MemoryPlan:
+        """train.parallel.memory_budget_gb: probe steps at 1 and 2 latent frames of the first
+        pair, then the per-block plan for the data's frames with the least recompute
+        (infra/memory_plan.py), applied to the policy. The probes leave no trace: gradients
+        dropped, RNG restored, the data cursor untouched."""
+        p, lora = self.cfg.parallel, lora_parameters(self.transformer)
+        if self.dataset.kind != "pair":
+            raise ValueError(f"train.parallel.memory_budget_gb plans from pairs, and this run "
+                             f"trains on {self.dataset.kind} rows (train.loss.kto_on: pointwise): "
+                             "set gradient_checkpointing / checkpoint_every / offload_activations "
+                             "by hand, or unset memory_budget_gb")
+        pair = self.dataset.load(0)
+        frames = pair["win"].shape[1]
+        share = self.cfg.batch_size // self.layout.dp
+
+        def step(f: int) -> None:
+            g = torch.Generator().manual_seed(0)
+            crop = {k: v[:, :f] if v.dim() == 4 else v for k, v in pair.items()}  # [C, F, H, W]
+            batch = PairBatch(
+                **{k: v.expand(share, *v.shape).to(self.device) for k, v in crop.items()},
+                noise=torch.randn(share, *crop["win"].shape, generator=g).to(self.device),
+                sigma=self.sigmas[:1].expand(share).to(self.device),
+                timestep=self.timesteps[:1].expand(share).to(self.device))
+            self.forward_backward_step(batch, 1.0)
+            for param in lora:
+                param.grad = None
+
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+            profile = measure_profile(self.transformer, self.device, step,
+                                      frames=(1, 2) if frames > 1 else (1,), extra=optimizer_bytes(lora),
+                                      agree=self.layout.max_values)
+        ranks_here = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        host = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / 2 / ranks_here
+        try:
+            plan = plan_memory(profile, p.memory_budget_gb * GiB, frames,
+                               offload=p.offload_activations, host_bytes=host)
+        except BudgetTooSmall as e:
+            raise ValueError(f"train.parallel.memory_budget_gb = {p.memory_budget_gb}: {e}. "
+                             "Raise the budget, train on fewer frames, or add ranks "
+                             "(fsdp, context_parallel)") from None
+        apply_block_plan(self.transformer, plan.recompute, plan.offload)
+        logger.info("memory plan: %s", plan.describe())
+        return plan
 
     # -- data ----------------------------------------------------------------------------
 

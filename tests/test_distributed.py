@@ -53,6 +53,11 @@ CASES: dict[str, tuple[str, dict[str, Any], dict[str, Any]]] = {
         "t2v", {"fsdp": True}, {"init_adapter": "adapters/t2v", "reference": "previous"}),
     "pair_parallel_region_fsdp": ("i2v", {"pair_parallel": True, "fsdp": True},
                                   {"loss": {"kind": "region"}}),
+    # the per-block activation plan under FSDP: selective recompute + offload (the saved-tensor
+    # hooks around FSDP's all-gathered blocks), and the planner's probe steps (ranks agree)
+    "fsdp_selective_offload": ("t2v", {"fsdp": True, "gradient_checkpointing": True,
+                                       "checkpoint_every": 2, "offload_activations": True}, {}),
+    "fsdp_memory_budget": ("t2v", {"fsdp": True, "memory_budget_gb": 1000.0}, {}),
 }
 _LIBRARY_CP = {"context_parallel_diffusers_ulysses", "context_parallel_diffusers_i2v_fsdp_ckpt"}
 # ‖got − want‖ ≤ TOL·‖want‖ over all LoRA tensors (float32 rounding of reordered sums).

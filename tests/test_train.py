@@ -238,6 +238,61 @@ def test_selective_checkpointing_recomputes_every_kth_block_only(tiny, store) ->
     assert calls == [3, 2]
 
 
+def test_offloaded_activations_give_the_same_loss_and_grads(tiny, store, monkeypatch) -> None:
+    """offload_activations: the saved tensors of the blocks not recomputed go through the host
+    copy and back. On CPU the copy is the tensor itself, so here it is a real copy (clone):
+    backward then runs on the copies, and the numbers must still be the plain path's."""
+    import infra.activations
+
+    copied = []
+
+    def clone(tensor: torch.Tensor) -> torch.Tensor:
+        copied.append(tensor.numel())
+        return tensor.clone()
+
+    monkeypatch.setattr(infra.activations, "_host_copy", clone)
+    pairs(store, tiny)
+    results = {}
+    for name, parallel in (("plain", dict()), ("offload", dict(offload_activations=True)),
+                           ("selective-offload", dict(gradient_checkpointing=True,
+                                                      checkpoint_every=2,
+                                                      offload_activations=True))):
+        trainer = Trainer(config(tiny, parallel=parallel, loss=dict(beta=4.0)), store,
+                          f"runs/{name}")
+        perturb_lora(trainer)
+        copied.clear()
+        results[name] = loss_and_grads(trainer), len(copied)
+    (plain_metrics, plain_grads), _ = results["plain"]
+    for name in ("offload", "selective-offload"):
+        (metrics, grads), n_copied = results[name]
+        assert metrics == plain_metrics
+        assert all(torch.equal(a, b) for a, b in zip(grads, plain_grads))
+    # both blocks offload vs block 1 only (block 0 recomputes): about twice the saved tensors
+    assert results["offload"][1] > results["selective-offload"][1] > 0
+
+
+def test_memory_budget_plans_from_probe_steps_and_changes_no_numbers(tiny, store) -> None:
+    """memory_budget_gb: probe steps, then a plan. A budget far above the step stores every
+    block; the probes leave no trace (same loss and grads as without a budget, the data cursor
+    at 0); a budget below the step with every block recomputed fails before any step."""
+    pairs(store, tiny)
+    plain = Trainer(config(tiny, loss=dict(beta=4.0)), store, "runs/plain")
+    perturb_lora(plain)
+    plain_metrics, plain_grads = loss_and_grads(plain)
+    planned = Trainer(config(tiny, loss=dict(beta=4.0), parallel=dict(memory_budget_gb=1000.0)),
+                      store, "runs/planned")
+    plan = planned.memory_plan
+    assert (plan.recomputed, plan.offloaded, plan.frames) == (0, 0, 2)
+    assert 0 < plan.peak_bytes < plan.budget_bytes
+    assert planned.cursor.position == 0
+    perturb_lora(planned)
+    metrics, grads = loss_and_grads(planned)
+    assert metrics == plain_metrics
+    assert all(torch.equal(a, b) for a, b in zip(grads, plain_grads))
+    with pytest.raises(ValueError, match=r"memory_budget_gb = 0\.001: .* needs .* GiB"):
+        Trainer(config(tiny, parallel=dict(memory_budget_gb=0.001)), store, "runs/small")
+
+
 def test_accumulating_2x1_equals_one_batch_of_2(tiny, store) -> None:
     """The loss is a mean over pairs and each pair's (t, ε) comes from its own seed, so two
     micro-batches of 1 pair (each scaled by 1/2) give the gradient of one batch of 2 (up to

@@ -121,6 +121,21 @@ class ParallelConfig(Section):
     checkpoint_every: int = Field(
         1, ge=1, description="with gradient_checkpointing: recompute every k-th block only "
         "(1 = all blocks; larger trades memory for less recompute)")
+    offload_activations: bool = Field(
+        False, description="the blocks that are not recomputed keep the tensors autograd saves "
+        "in pinned host memory (copied asynchronously, back for backward; parameters stay), "
+        "so device memory holds ~ what a recomputed block keeps, without the recompute; with "
+        "memory_budget_gb, only as many blocks as the budget needs. CUDA only in effect: on "
+        "CPU host memory is the device's")
+    memory_budget_gb: float | None = Field(
+        None, gt=0, description="device memory one rank may use (GiB, everything: weights, "
+        "optimizer state, activations; the process's RSS on CPU). Set, the trainer measures "
+        "probe steps at 1 and 2 latent frames (every block storing, then every block "
+        "recomputing), scales them linearly to the data's frames, and picks the fewest blocks "
+        "to take off the device: offloaded first with offload_activations, else recomputed "
+        "(infra/memory_plan.py); gradient_checkpointing and checkpoint_every are then "
+        "ignored. Fails before the first step, naming the smallest budget, when recomputing "
+        "every block does not fit. null = no planning")
     bf16: bool = Field(True, description="bfloat16 autocast; applies on CUDA only")
     fsdp: bool = Field(
         False, description="FSDP2: shard the frozen base weights over all ranks (fully_shard "
