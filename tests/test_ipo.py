@@ -1,0 +1,220 @@
+"""Dual-IPO's round stages: the `ipo` config, sample (the policy's identity and the round in its
+keys, round 2 from round 1's adapter), critique (every chain in the manifest, reproducible from
+its seed; a re-run of one round's critique reuses the rest), scored pairs (thresholds on
+constructed judgments; re-deciding them never runs the VLM)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from infra.config import ConfigError, load_config
+from tests.gt_clips import commit_gt_run
+
+
+def _round_config(tmp: Path, **ipo) -> dict:
+    return {"train": {"model": str(tmp / "wan"), "kind": "t2v", "dtype": "float32"},
+            "ipo": {"rounds": 2, **ipo}}
+
+
+def _write(tmp: Path, data: dict) -> Path:
+    import yaml
+
+    path = tmp / "run.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def test_ipo_config_validates_and_names_keys(tmp_path: Path):
+    cfg = load_config(_write(tmp_path, _round_config(
+        tmp_path, sample={"samples_per_prompt": 3}, critique={"critic": {"model": "./critic"}})))
+    assert cfg.ipo.rounds == 2 and cfg.ipo.sample.samples_per_prompt == 3
+    assert cfg.ipo.critique.critic.model == str(tmp_path / "critic")  # resolved like the others
+    bad = [({"ipo": {"rounds": 0}, "train": {"kind": "t2v"}}, "ipo.rounds"),
+           ({"ipo": {}}, "ipo needs a `train` section"),
+           ({"ipo": {"sample": {"samples_per_prompt": 1}}, "train": {"kind": "t2v"}},
+            "ipo.sample.samples_per_prompt"),
+           ({"ipo": {"critique": {"pairwise": False, "pointwise": False}}, "train": {"kind": "t2v"}},
+            "judges nothing"),
+           ({"ipo": {}, "train": {"kind": "t2v", "init_adapter": "x"}}, "init_adapter"),
+           ({"pairs": {"mode": "scored"}}, "mode 'scored' needs the `scored` section")]
+    for data, words in bad:
+        with pytest.raises(ConfigError, match=words.replace("(", r"\(")):
+            load_config(_write(tmp_path, data))
+
+
+def test_pairs_settings_of_the_other_modes_are_unchanged():
+    """The `scored` slot stays out of the stage key of gt_pair/local/annotated pairs."""
+    from infra.config import PairsConfig
+
+    assert PairsConfig().settings() == {"mode": "gt_pair", "annotated": None,
+                                        "test_fraction": 0.04, "split_seed": 0}
+
+
+def _judgment(kind: str, votes: dict, **ids) -> dict:
+    from models.critic import tally
+
+    verdicts = [v for v, n in votes.items() for _ in range(n)]
+    t = tally([None if v == "abstain" else v for v in verdicts])
+    return {"kind": kind, "chains": [], **ids, **t}
+
+
+def test_scored_rows_apply_vote_share_and_margin():
+    from infra.config import ScoredPairsConfig
+    from tasks.pairs import scored_rows, verdict_margin
+
+    clips = [{"id": c, "prompt": f"p {c}", "ref_image": f"{c}.png", "video": f"{c}.mp4",
+              "bucket": "16:9", "width": 32, "height": 18, "fps": 16, "frames": 17}
+             for c in ("g1", "g2")]
+    videos = [{"id": f"v{i}", "video": f"s{i}.mp4"} for i in range(3)]
+    judgments = [
+        _judgment("pair", {"b": 4, "a": 0}, a="v0", b="v1"),             # share 1, margin 1
+        _judgment("pair", {"a": 2, "b": 1, "abstain": 1}, a="v0", b="v2"),  # 0.5, 0.25
+        _judgment("pair", {"abstain": 4}, a="v1", b="v2"),                # no verdict
+        _judgment("point", {"good": 3, "bad": 1}, video_id="v0"),          # 0.75, 0.5
+        _judgment("point", {"bad": 2, "good": 2}, video_id="v1"),          # tie
+    ]
+    assert verdict_margin(judgments[1]) == pytest.approx(0.25)
+    crit = [{"gt_id": g, "round": 1, "videos": json.dumps(videos),
+             "judgments": json.dumps(judgments)} for g in ("g1", "g2")]
+    cfg = ScoredPairsConfig(min_vote_share=0.6, min_margin=0.2)
+    rows = scored_rows(clips, crit, {"g1": "train", "g2": "test"}, cfg)
+    assert {r["gt_id"] for r in rows} == {"g1"}  # a held-out clip's videos never train
+    ok = [r for r in rows if r["status"] == "ok"]
+    pairs = [r for r in ok if r["kind"] == "pair"]
+    assert [(p["win"], p["lose"]) for p in pairs] == [("s1.mp4", "s0.mp4")]
+    assert [(r["video"], r["desirable"]) for r in ok if r["kind"] == "pointwise"] == [("s0.mp4", True)]
+    assert [r["video"] for r in ok if r["kind"] == "real"] == ["g1.mp4"]
+    reasons = sorted(r["reason"] for r in rows if r["status"] == "rejected")
+    assert any("vote share 0.5 < min_vote_share 0.6" in r for r in reasons)
+    assert sum("no majority verdict" in r for r in reasons) == 2
+    looser = scored_rows(clips, crit, {"g1": "train", "g2": "test"},
+                         ScoredPairsConfig(min_vote_share=0.5, min_margin=0.25, real=False))
+    assert sum(r["status"] == "ok" and r["kind"] == "pair" for r in looser) == 2
+    assert not any(r["kind"] == "real" for r in looser)
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory) -> dict:
+    from models.tiny import build_tiny, build_tiny_critic
+
+    root = tmp_path_factory.mktemp("ipo-models")
+    return {"wan": build_tiny("t2v", root / "wan"), "critic": build_tiny_critic(root / "critic")}
+
+
+def _adapter(store, models: dict, key: str) -> str:
+    """A round-1 adapter with random (non-zero) LoRA weights, saved as the train stage saves it."""
+    import tempfile
+
+    from models.wan import WanSpec, add_lora, load_transformer, lora_parameters, save_lora
+
+    transformer = load_transformer(WanSpec("t2v", models["wan"], "float32"))
+    add_lora(transformer, rank=4, alpha=8)
+    gen = torch.Generator().manual_seed(3)
+    for p in lora_parameters(transformer):
+        p.data = torch.randn(p.shape, generator=gen) * 0.5
+    with tempfile.TemporaryDirectory() as tmp:
+        path = save_lora(transformer, tmp)
+        return store.put_file(path, f"{key}/pytorch_lora_weights.safetensors")
+
+
+def test_round_stages_sample_critique_pairs(prefect_api, models: dict, tmp_path: Path):
+    from flows.critique import critique
+    from flows.pairs import pairs
+    from flows.sample import sample
+    from infra.config import CritiqueConfig, PairsConfig, SampleConfig, ScoredPairsConfig, TrainConfig
+    from infra.stage import input_manifest, stage_dir
+    from infra.store import Store
+    from models.critic import chain_seed
+
+    url = f"file://{tmp_path / 'store'}"
+    st = Store(url)
+    gt = {r["id"]: r for r in commit_gt_run(url, "i", n=2, frames=17, short_edge=32)}
+    policy = TrainConfig(model=models["wan"], kind="t2v", dtype="float32")
+    scfg = SampleConfig(samples_per_prompt=2, steps=1, short_edge=16, frames=5, device="cpu")
+    ccfg = CritiqueConfig(critic={"model": models["critic"], "chains": 2, "max_new_tokens": 6,
+                                  "frames": 2, "frame_short_edge": 28})
+    pcfg = PairsConfig(mode="scored", test_fraction=0.0, scored=ScoredPairsConfig())
+
+    r1 = sample(run="i", config=scfg, store=url, round=1, policy=policy)
+    rows1, _ = input_manifest(st, "i", "sample", "sample.r1")
+    assert r1["counts"]["ok"] == 4 and {r["round"] for r in rows1} == {1}
+    assert all(r["adapter"] is None for r in rows1)
+    assert all((r["width"], r["height"], r["frames"]) == tuple(gt[r["gt_id"]][k] for k in
+               ("width", "height", "frames")) for r in rows1)  # renormalized to the GT spec
+
+    # Round 2 samples from round 1's adapter: its sha256 is in the rows and the keys.
+    adapter = _adapter(st, models, "stages/train/fake-r1/adapter")
+    sha = hashlib.sha256(st.read_bytes(adapter)).hexdigest()
+    r2 = sample(run="i", config=scfg, store=url, round=2, policy=policy,
+                adapter="stages/train/fake-r1/adapter")
+    rows2, _ = input_manifest(st, "i", "sample", "sample.r2")
+    assert {r["adapter_sha256"] for r in rows2} == {sha}
+    assert r2["key"] != r1["key"] and not {r["item_key"] for r in rows1} & {r["item_key"] for r in rows2}
+    index = st.read_run("i")["stages"]
+    assert {"sample.r1", "sample.r2", "normalize"} <= set(index)
+
+    # The adapter changes what the policy makes (same seed, same prompt).
+    from tasks.sample import load_policy, sample_video
+
+    base_pipe = load_policy(st, {"kind": "t2v", "model": models["wan"], "dtype": "float32"}, torch.device("cpu"))
+    tuned = load_policy(st, {"kind": "t2v", "model": models["wan"], "dtype": "float32",
+                             "adapter": adapter}, torch.device("cpu"))
+    a, b = (sample_video(p, "t2v", "a cat", None, 7, (16, 16, 5), scfg) for p in (base_pipe, tuned))
+    assert a.shape == b.shape and not (a == b).all()
+
+    # Critique round 1: every chain in the manifest, each reproducible from its recorded seed.
+    c1 = critique(run="i", config=ccfg, store=url, round=1)
+    crit, _ = input_manifest(st, "i", "critique", "critique.r1")
+    assert c1["counts"]["ok"] == 2
+    judgments = [j for r in crit for j in json.loads(r["judgments"])]
+    assert sorted(j["kind"] for j in judgments) == ["pair", "pair"] + ["point"] * 4
+    pair = next(j for j in judgments if j["kind"] == "pair")
+    assert [c["order"] for c in pair["chains"]] == ["ab", "ab", "ba", "ba"]
+    assert [c["seed"] for c in pair["chains"]] == [chain_seed(pair["seed"], o, i)
+                                                     for o in ("ab", "ba") for i in range(2)]
+    from models.critic import judgment_inputs, load_critic, pair_messages, sample_chain, video_frames
+
+    critic = load_critic(ccfg.critic)
+    videos = {v["id"]: v for r in crit for v in json.loads(r["videos"])}
+    frames = []
+    for vid in (pair["a"], pair["b"]):
+        with st.local_copy(st.key_of(videos[vid]["video"])) as local:
+            frames.append(video_frames(local, 2, 28))
+    inputs = judgment_inputs(critic, pair_messages(crit[0]["prompt"] if pair in json.loads(
+        crit[0]["judgments"]) else crit[1]["prompt"], frames[0], frames[1], ccfg.critic.dimensions))
+    assert sample_chain(critic, inputs, pair["chains"][0]["seed"]) == pair["chains"][0]["text"]
+    # A random-weight critic abstains on every chain: no verdict, so no pair and no pointwise row.
+    assert all(j["verdict"] is None for j in judgments)
+
+    p1 = pairs(run="i", config=pcfg, store=url, round=1)
+    prow, _ = input_manifest(st, "i", "pairs", "pairs.r1")
+    assert p1["counts"]["ok"] == 2 and {r["kind"] for r in prow if r["status"] == "ok"} == {"real"}
+    assert all("no majority verdict" in r["reason"] for r in prow if r["status"] == "rejected")
+
+    # Re-deciding a threshold re-runs pairs only; a UI re-run of round 1's critique with its
+    # recorded config reuses everything (no row written anywhere).
+    rows_before = {p: p.stat().st_mtime_ns for p in (tmp_path / "store").glob("items/*/*/row.json")}
+    looser = pcfg.model_copy(update={"scored": ScoredPairsConfig(min_vote_share=0.1, min_margin=0.0)})
+    p1b = pairs(run="i", config=looser, store=url, round=1)
+    assert p1b["key"] != p1["key"]
+    again = critique(run="i", store=url, round=1)  # config from the run index's critique.r1
+    assert again["key"] == c1["key"]
+    assert {p: p.stat().st_mtime_ns for p in (tmp_path / "store").glob("items/*/*/row.json")} == rows_before
+    assert st.read_success(stage_dir("critique", c1["key"]))["computed"] == 2
+
+
+def test_preflight_names_a_missing_critic_and_policy(tmp_path: Path):
+    from flows.preflight import PreflightError, preflight
+
+    cfg = load_config(_write(tmp_path, _round_config(
+        tmp_path, critique={"critic": {"model": "./no-critic"}})))
+    with pytest.raises(PreflightError) as err:
+        preflight(cfg, ["sample", "critique"])
+    text = str(err.value)
+    assert "ipo.critique.critic.model" in text and "no-critic" in text and "save_pretrained" in text
+    assert "train.model (ipo.sample)" in text
