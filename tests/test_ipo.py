@@ -218,3 +218,84 @@ def test_preflight_names_a_missing_critic_and_policy(tmp_path: Path):
     text = str(err.value)
     assert "ipo.critique.critic.model" in text and "no-critic" in text and "save_pretrained" in text
     assert "train.model (ipo.sample)" in text
+
+
+def _ipo_config(models: dict, url: str, rounds: int = 2):
+    from infra.config import RunConfig
+
+    return RunConfig.model_validate({
+        "name": "k", "store": url,
+        "pairs": {"test_fraction": 0.34},
+        "precompute": {"dtype": "float32", "short_edge": 16, "frames": 5},
+        "train": {"model": models["wan"], "kind": "t2v", "dtype": "float32", "steps": 2,
+                  "lora": {"rank": 4, "alpha": 8}, "loss": {"kind": "dpo", "nll_lambda": 0.1}},
+        "evaluate": {"evaluators": ["proxy"], "generate": {"num_inference_steps": 1,
+                                                            "short_edge": 16, "num_frames": 5}},
+        "ipo": {"rounds": rounds,
+                "sample": {"samples_per_prompt": 2, "steps": 1, "short_edge": 16, "frames": 5,
+                           "device": "cpu"},
+                "critique": {"critic": {"model": models["critic"], "chains": 2,
+                                        "max_new_tokens": 6, "frames": 2,
+                                        "frame_short_edge": 28}}}})
+
+
+def _rows(root: Path) -> dict[str, int]:
+    return {str(p.relative_to(root)): p.stat().st_mtime_ns for p in root.glob("items/*/*/row.json")}
+
+
+def test_rounds_flow_killed_in_round_2_redoes_nothing_of_round_1(prefect_api, models: dict,
+                                                                   tmp_path: Path):
+    """Two rounds; a stop asked for while round 2 samples; the rerun reuses all of round 1."""
+    import threading
+
+    from flows.ipo import ipo
+    from infra import shutdown
+    from infra.stage import stage_dir
+    from infra.store import Store
+
+    root = tmp_path / "store"
+    url = f"file://{root}"
+    st = Store(url)
+    commit_gt_run(url, "k", n=3, frames=17, short_edge=32)
+    cfg = _ipo_config(models, url)
+
+    def stop_in_round_2() -> None:  # what SIGTERM does: stop submitting, committed work stands
+        while not shutdown.requested():
+            if any(json.loads(p.read_text()).get("round") == 2
+                   for p in root.glob("items/sample/*/row.json")):
+                shutdown.request()
+                return
+            threading.Event().wait(0.05)
+
+    watcher = threading.Thread(target=stop_in_round_2, daemon=True)
+    watcher.start()
+    try:
+        with pytest.raises(shutdown.ShutdownRequested):
+            ipo(run="k", config=cfg, curate=False)
+    finally:
+        shutdown.request()  # ends the watcher if the run never reached round 2
+        watcher.join()
+        shutdown.reset()
+    index = st.read_run("k")["stages"]
+    assert {"sample.r1", "critique.r1", "pairs.r1", "precompute.r1", "evaluate.r1",
+            "sample.r2"} - set(index) == {"sample.r2"}  # killed inside round 2's sample
+    round1 = {n: e["key"] for n, e in index.items() if n.endswith(".r1")}
+    rows = _rows(root)
+    r2_done = [k for k in rows if k.startswith("items/sample/") and
+               json.loads((root / k).read_text())["round"] == 2]
+    assert 1 <= len(r2_done) < 4
+
+    results = ipo(run="k", config=cfg, curate=False)
+    after = st.read_run("k")["stages"]
+    assert {n: after[n]["key"] for n in round1} == round1
+    assert {k: v for k, v in _rows(root).items() if k in rows} == rows  # nothing redone
+    for name, key in round1.items():  # round 1: every stage a lookup (no new commit either)
+        assert results["r1"]["stages"][name[:-3]]["key"] == key
+    s2 = st.read_success(stage_dir("sample", after["sample.r2"]["key"]))
+    assert (s2["reused"], s2["computed"]) == (len(r2_done), 6 - len(r2_done))
+    # The random critic decided nothing: no round trained, and each says why.
+    assert not results["r1"]["trained"] and "needs rows of kind 'pair'" in results["r1"]["why_not_trained"]
+    assert results["r2"]["adapter"] is None and "train.r1" not in after
+    # Evaluate ran every round: the base on the held-out prompt (rounds add rows once trained).
+    assert after["evaluate.r2"]["counts"]["ok"] >= 1
+    assert after["pairs.r2"]["config"]["mode"] == "scored"
