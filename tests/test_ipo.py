@@ -147,19 +147,13 @@ def test_round_stages_sample_critique_pairs(prefect_api, models: dict, tmp_path:
     assert all((r["width"], r["height"], r["frames"]) == tuple(gt[r["gt_id"]][k] for k in
                ("width", "height", "frames")) for r in rows1)  # renormalized to the GT spec
 
-    # Round 2 samples from round 1's adapter: its sha256 is in the rows and the keys.
-    adapter = _adapter(st, models, "stages/train/fake-r1/adapter")
-    sha = hashlib.sha256(st.read_bytes(adapter)).hexdigest()
-    r2 = sample(run="i", config=scfg, store=url, round=2, policy=policy,
-                adapter="stages/train/fake-r1/adapter")
-    rows2, _ = input_manifest(st, "i", "sample", "sample.r2")
-    assert {r["adapter_sha256"] for r in rows2} == {sha}
-    assert r2["key"] != r1["key"] and not {r["item_key"] for r in rows1} & {r["item_key"] for r in rows2}
-    index = st.read_run("i")["stages"]
-    assert {"sample.r1", "sample.r2", "normalize"} <= set(index)
+    assert set(st.read_run("i")["stages"]) == {"normalize", "sample.r1"}
 
-    # The adapter changes what the policy makes (same seed, same prompt).
+    # A policy with an adapter makes other videos from the same seed and prompt (the
+    # adapter's identity in sample's keys: the rounds flow test).
     from tasks.sample import load_policy, sample_video
+
+    adapter = _adapter(st, models, "stages/train/fake-r1/adapter")
 
     base_pipe = load_policy(st, {"kind": "t2v", "model": models["wan"], "dtype": "float32"}, torch.device("cpu"))
     tuned = load_policy(st, {"kind": "t2v", "model": models["wan"], "dtype": "float32",
@@ -195,6 +189,18 @@ def test_round_stages_sample_critique_pairs(prefect_api, models: dict, tmp_path:
     prow, _ = input_manifest(st, "i", "pairs", "pairs.r1")
     assert p1["counts"]["ok"] == 2 and {r["kind"] for r in prow if r["status"] == "ok"} == {"real"}
     assert all("no majority verdict" in r["reason"] for r in prow if r["status"] == "rejected")
+    # ... so the round cannot train DPO, and says why (flows/ipo.py skips its train).
+    from flows.ipo import untrainable
+    from flows.precompute import precompute
+    from infra.config import PrecomputeConfig, RunConfig
+
+    pre = precompute(run="i", config=PrecomputeConfig(model=models["wan"], kind="t2v",
+                                                      dtype="float32", short_edge=16, frames=5),
+                     store=url, round=1)
+    run_cfg = RunConfig(train=policy.model_dump() | {"loss": {"kind": "dpo", "nll_lambda": 0.1}},
+                        ipo={})
+    assert "has 2 real" in untrainable(run_cfg, st, pre) and "needs rows of kind 'pair'" in \
+        untrainable(run_cfg, st, pre)
 
     # Re-deciding a threshold re-runs pairs only; a UI re-run of round 1's critique with its
     # recorded config reuses everything (no row written anywhere).
@@ -243,23 +249,51 @@ def _rows(root: Path) -> dict[str, int]:
     return {str(p.relative_to(root)): p.stat().st_mtime_ns for p in root.glob("items/*/*/row.json")}
 
 
-def test_rounds_flow_killed_in_round_2_redoes_nothing_of_round_1(prefect_api, models: dict,
-                                                                   tmp_path: Path):
-    """Two rounds; a stop asked for while round 2 samples; the rerun reuses all of round 1."""
+def _constructed_judgments(critic, cfg, prompt, videos, frames):
+    """A judge with a known preference (constructed chains, as the vote tests use): the first
+    sampled video wins every pair 4-0, and is the only one judged good."""
+    from itertools import combinations
+
+    from models.critic import pair_tally, tally
+
+    out = []
+    for a, b in combinations(videos, 2):
+        chains = [{"order": o, "index": i, "seed": i, "text": "", "verdict": "a"}
+                  for o in ("ab", "ba") for i in range(2)]
+        out.append({"a": a["id"], "b": b["id"], "kind": "pair", "seed": 0, "chains": chains,
+                    **pair_tally(chains)})
+    for i, v in enumerate(videos):
+        verdict = "good" if i == 0 else "bad"
+        chains = [{"order": "point", "index": k, "seed": k, "text": "", "verdict": verdict}
+                  for k in range(2)]
+        out.append({"video_id": v["id"], "kind": "point", "seed": 0, "chains": chains,
+                    **tally([c["verdict"] for c in chains])})
+    return out
+
+
+def test_rounds_train_from_the_previous_adapter_and_a_kill_in_round_2_redoes_nothing(
+        prefect_api, models: dict, tmp_path: Path, monkeypatch):
+    """Two rounds with verdicts (a constructed judge). A stop is asked for while round 2
+    samples (what SIGTERM does); the rerun redoes nothing of round 1 (no row rewritten, every
+    round-1 stage a lookup) and finishes round 2, which sampled from round 1's adapter (its
+    sha256 in round 2's rows and keys) and trained from it; round 2's evaluate compares the
+    base and both rounds on the same prompts and seeds."""
     import threading
 
+    import tasks.critique
     from flows.ipo import ipo
     from infra import shutdown
-    from infra.stage import stage_dir
+    from infra.stage import input_manifest, stage_dir
     from infra.store import Store
 
+    monkeypatch.setattr(tasks.critique, "critique_prompt", _constructed_judgments)
     root = tmp_path / "store"
     url = f"file://{root}"
     st = Store(url)
-    commit_gt_run(url, "k", n=3, frames=17, short_edge=32)
+    commit_gt_run(url, "t", n=3, frames=17, short_edge=32)
     cfg = _ipo_config(models, url)
 
-    def stop_in_round_2() -> None:  # what SIGTERM does: stop submitting, committed work stands
+    def stop_in_round_2() -> None:
         while not shutdown.requested():
             if any(json.loads(p.read_text()).get("round") == 2
                    for p in root.glob("items/sample/*/row.json")):
@@ -271,31 +305,49 @@ def test_rounds_flow_killed_in_round_2_redoes_nothing_of_round_1(prefect_api, mo
     watcher.start()
     try:
         with pytest.raises(shutdown.ShutdownRequested):
-            ipo(run="k", config=cfg, curate=False)
+            ipo(run="t", config=cfg, curate=False)
     finally:
         shutdown.request()  # ends the watcher if the run never reached round 2
         watcher.join()
         shutdown.reset()
-    index = st.read_run("k")["stages"]
-    assert {"sample.r1", "critique.r1", "pairs.r1", "precompute.r1", "evaluate.r1",
-            "sample.r2"} - set(index) == {"sample.r2"}  # killed inside round 2's sample
+    index = st.read_run("t")["stages"]
     round1 = {n: e["key"] for n, e in index.items() if n.endswith(".r1")}
+    assert set(round1) == {f"{s}.r1" for s in ("sample", "critique", "pairs", "precompute",
+                                                 "train", "evaluate")}
+    assert "sample.r2" not in index  # killed inside round 2's sample
+    successes = {n: (root / stage_dir(n[:-3], k) / "_SUCCESS.json").read_bytes()
+                 for n, k in round1.items()}
     rows = _rows(root)
-    r2_done = [k for k in rows if k.startswith("items/sample/") and
-               json.loads((root / k).read_text())["round"] == 2]
-    assert 1 <= len(r2_done) < 4
+    r2_done = [k for k in rows if k.startswith("items/sample/")
+               and json.loads((root / k).read_text())["round"] == 2]
+    assert 1 <= len(r2_done) < 6
 
-    results = ipo(run="k", config=cfg, curate=False)
-    after = st.read_run("k")["stages"]
-    assert {n: after[n]["key"] for n in round1} == round1
-    assert {k: v for k, v in _rows(root).items() if k in rows} == rows  # nothing redone
-    for name, key in round1.items():  # round 1: every stage a lookup (no new commit either)
-        assert results["r1"]["stages"][name[:-3]]["key"] == key
-    s2 = st.read_success(stage_dir("sample", after["sample.r2"]["key"]))
+    results = ipo(run="t", config=cfg, curate=False)
+    index = st.read_run("t")["stages"]
+    assert {n: index[n]["key"] for n in round1} == round1
+    assert {n: (root / stage_dir(n[:-3], k) / "_SUCCESS.json").read_bytes()
+            for n, k in round1.items()} == successes  # round 1: lookups, nothing recommitted
+    assert {k: v for k, v in _rows(root).items() if k in rows} == rows  # no row redone
+    s2 = st.read_success(stage_dir("sample", index["sample.r2"]["key"]))
     assert (s2["reused"], s2["computed"]) == (len(r2_done), 6 - len(r2_done))
-    # The random critic decided nothing: no round trained, and each says why.
-    assert not results["r1"]["trained"] and "needs rows of kind 'pair'" in results["r1"]["why_not_trained"]
-    assert results["r2"]["adapter"] is None and "train.r1" not in after
-    # Evaluate ran every round: the base on the held-out prompt (rounds add rows once trained).
-    assert after["evaluate.r2"]["counts"]["ok"] >= 1
-    assert after["pairs.r2"]["config"]["mode"] == "scored"
+
+    assert results["r1"]["trained"] and results["r2"]["trained"]
+    a1 = results["r1"]["adapter"]
+    sha1 = hashlib.sha256(st.read_bytes(a1)).hexdigest()
+    r1_rows, _ = input_manifest(st, "t", "sample", "sample.r1")
+    r2_rows, _ = input_manifest(st, "t", "sample", "sample.r2")
+    assert {r["adapter_sha256"] for r in r1_rows} == {None}
+    assert {r["adapter_sha256"] for r in r2_rows} == {sha1}
+    assert index["train.r1"]["config"]["init_adapter"] is None
+    assert index["train.r2"]["config"]["init_adapter"] == a1
+    prs, _ = input_manifest(st, "t", "pairs", "pairs.r1")
+    assert {r["kind"] for r in prs if r["status"] == "ok" and r["split"] == "train"} == \
+        {"pair", "pointwise", "real"}
+    videos, _ = input_manifest(st, "t", "evaluate", "evaluate.r2")
+    assert {r["model"] for r in videos} == {"base", "r1", "r2"}
+    per_model = {m: sorted((r["prompt_id"], r["seed"]) for r in videos if r["model"] == m)
+                 for m in ("base", "r1", "r2")}
+    assert per_model["base"] == per_model["r1"] == per_model["r2"]  # same prompts and seeds
+    ev2 = st.read_success(stage_dir("evaluate", index["evaluate.r2"]["key"]))
+    n = len(per_model["base"])  # round 1 made base's and r1's videos; round 2 only r2's
+    assert (ev2["reused"], ev2["computed"]) == (2 * n, n)
