@@ -159,10 +159,10 @@ def report(
     store: str = typer.Option(os.environ.get("REGDPO_STORE", "file://./artifacts"), help="artifact store URL"),
 ) -> None:
     """Print a run's stage summaries, its evaluation tables (paper Tables 2/5/6) and GSB tallies."""
-    from infra.stage import stage_dir
+    from infra.stage import entry_stage, stage_dir
     from infra.store import NotCommittedError, Store
     from tasks.gsb.ratings import GSBError, markdown_table, run_tally
-    from tasks.report import STAGE_ORDER, render_report
+    from tasks.report import entry_order, render_report
 
     st = Store(_store(store))
     try:
@@ -170,9 +170,9 @@ def report(
     except LookupError as e:
         _fail(str(e))
     stages = st.read_run(run_name)["stages"]
-    for stage in sorted(stages, key=lambda s: STAGE_ORDER.index(s) if s in STAGE_ORDER else 99):
+    for stage in sorted(stages, key=entry_order):
         try:
-            success = st.read_success(stage_dir(stage, stages[stage]["key"]))
+            success = st.read_success(stage_dir(entry_stage(stage)[0], stages[stage]["key"]))
         except NotCommittedError:
             continue  # the table above says so
         not_ok = [r for r in success["by_reason"] if r["status"] != "ok"]

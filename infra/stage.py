@@ -45,6 +45,13 @@ def stage_key(stage: str, config: dict, input_digest: str, code: str) -> str:
     return digest({"stage": stage, "config": config, "input": input_digest, "code": code})
 
 
+def entry_stage(entry: str) -> tuple[str, int | None]:
+    """(stage, round) of a run-index entry: `pairs.r2` -> ("pairs", 2) (a Dual-IPO round's
+    entry, flows/dag.py round_entry); `pairs` -> ("pairs", None)."""
+    stage, dot, rest = entry.rpartition(".r")
+    return (stage, int(rest)) if dot and stage and rest.isdigit() else (entry, None)
+
+
 def stage_dir(stage: str, key: str) -> str:
     return join_key("stages", stage, key)
 

@@ -351,3 +351,9 @@ def test_rounds_train_from_the_previous_adapter_and_a_kill_in_round_2_redoes_not
     ev2 = st.read_success(stage_dir("evaluate", index["evaluate.r2"]["key"]))
     n = len(per_model["base"])  # round 1 made base's and r1's videos; round 2 only r2's
     assert (ev2["reused"], ev2["computed"]) == (2 * n, n)
+    from tasks.report import render_report
+
+    text = render_report(st, "t")
+    assert "## Dual-IPO rounds" in text and "## Training (train.r2)" in text
+    assert "| 2 | 6 | " in text and "stale" not in text and "not committed" not in text
+    assert "| r1 |" in text and "| r2 |" in text  # rounds as rows of the evaluation tables
