@@ -56,12 +56,11 @@ def critique(run: str = "toy", config: CritiqueConfig | None = None,
         "critic_identity": critic}
     if entry := s.reuse(settings):
         return entry
-    item_settings = settings | {"critic": cfg.critic.model_dump(exclude={"device"})}
     work = []
     for gt_id, rows in groups.items():
         videos = [{"id": r["id"], "video": r["video"], "seed": r["seed"]} for r in rows]
         work.append(s.work({"prompt": rows[0]["prompt"], "videos": [v["video"] for v in videos]},
-                           item_settings, f"{gt_id}.r{round}",
+                           settings, f"{gt_id}.r{round}",
                            {"id": f"{gt_id}.r{round}", "source": rows[0]["gt_video"],
                             "gt_id": gt_id, "prompt": rows[0]["prompt"], "round": round,
                             "videos": videos, "critique": cfg.model_dump()}))

@@ -25,7 +25,8 @@ class SampleConfig(Section):
                       "sample index) and is recorded in its row")
     steps: int = Field(50, ge=1, description="inference steps (Wan's default 50)")
     guidance: float = Field(5.0, ge=0, description="classifier-free guidance scale (Wan: 5.0)")
-    negative_prompt: str = WAN_NEGATIVE_PROMPT
+    negative_prompt: str = Field(WAN_NEGATIVE_PROMPT, description="classifier-free "
+                                 "guidance's negative prompt (Wan's own by default)")
     short_edge: WanEdge = Field(None, ge=16, description="generation short edge (px, multiple "
                                 "of 16); None = the GT clip's size. Outputs are renormalized "
                                 "to the GT spec either way")
