@@ -357,3 +357,16 @@ def test_rounds_train_from_the_previous_adapter_and_a_kill_in_round_2_redoes_not
     assert "## Dual-IPO rounds" in text and "## Training (train.r2)" in text
     assert "| 2 | 6 | " in text and "stale" not in text and "not committed" not in text
     assert "| r1 |" in text and "| r2 |" in text  # rounds as rows of the evaluation tables
+
+
+def test_shipped_ipo_configs_load_and_the_real_one_names_its_weights():
+    from flows.preflight import PreflightError, preflight
+
+    repo = Path(__file__).resolve().parents[1]
+    toy = load_config(repo / "configs" / "toy-ipo.yaml")
+    assert toy.ipo.rounds == 2 and toy.train.kind == "t2v"
+    assert toy.ipo.critique.critic.model.endswith("toy/models/tiny-critic")
+    real = load_config(repo / "configs" / "ipo-wan21-t2v-1.3b.yaml")
+    assert real.train.model == "Wan-AI/Wan2.1-T2V-1.3B-Diffusers"
+    with pytest.raises(PreflightError, match="Qwen/Qwen2.5-VL-7B-Instruct"):
+        preflight(real, ["critique"])  # the critic is looked up in the HF cache only
