@@ -9,7 +9,9 @@ and leaves every other stage as it is.
 
 from __future__ import annotations
 
-from prefect import flow, task
+from pathlib import Path
+
+from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from flows.dag import STAGES
@@ -52,9 +54,10 @@ def critique(run: str = "toy", config: CritiqueConfig | None = None,
     for r in sorted(s.rows("sample"), key=lambda r: (r["gt_id"], r["index"])):
         groups.setdefault(r["gt_id"], []).append(r)
     critic = critic_identity(cfg)
-    settings = cfg.model_dump(exclude={"workers": True, "critic": {"device"}}) | {
-        "critic_identity": critic}
-    if entry := s.reuse(settings):
+    settings = cfg.model_dump(exclude={"workers": True, "human_labels": True,
+                                       "critic": {"device"}}) | {"critic_identity": critic}
+    human = human_work(s, cfg, settings, round)
+    if entry := s.reuse(settings, [ikey for ikey, _, _ in human]):
         return entry
     work = []
     for gt_id, rows in groups.items():
@@ -66,6 +69,36 @@ def critique(run: str = "toy", config: CritiqueConfig | None = None,
                             "videos": videos, "critique": cfg.model_dump()}))
     try:
         rows = s.map(work, cfg.workers)
+        rows += s.map(human, cfg.workers, fn="tasks.critique:human_item")
     finally:
         release_critic()
+    if human:
+        agree = [r.get("agrees") for r in rows if r.get("kind") == "human"]
+        get_run_logger().info("critique round %s: the critic agrees with %d of %d held-out human "
+                              "labels", round, sum(bool(a) for a in agree), len(agree))
     return s.commit(rows)
+
+
+def human_work(s: StageRun, cfg: CritiqueConfig, settings: dict, round: int) -> list:
+    """One item per held-out human-labelled pair (critique.human_labels), keyed on the pair's
+    label and its videos' bytes: with an unchanged critic, later rounds reuse them."""
+    if not cfg.human_labels:
+        return []
+    import hashlib
+    from dataclasses import asdict
+
+    from infra.critic_seed import read_seed_pairs
+
+    work = []
+    for pair in read_seed_pairs(cfg.human_labels):
+        if "://" in pair.video_a or "://" in pair.video_b:
+            raise ValueError(f"critique.human_labels {cfg.human_labels!r} pair {pair.id!r}: the "
+                             "critic reads local videos; copy them next to the labels file")
+        sha_a, sha_b = (hashlib.sha256(Path(v).read_bytes()).hexdigest()
+                        for v in (pair.video_a, pair.video_b))
+        identity = {"prompt": pair.prompt, "videos": [sha_a, sha_b], "preferred": pair.preferred}
+        work.append(s.work(identity, settings, f"human.{pair.id}",
+                           {"id": f"human.{pair.id}", "source": pair.video_a,
+                            "pair": asdict(pair), "sha_a": sha_a, "sha_b": sha_b,
+                            "critique": cfg.model_dump()}))
+    return work

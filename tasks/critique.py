@@ -64,5 +64,24 @@ def critique_item(store: Store, out_dir: str, payload: dict) -> dict:
             "status": "ok", "reason": ""}
 
 
+def human_item(store: Store, out_dir: str, payload: dict) -> dict:
+    """One held-out human-labelled pair judged by the critic (both orders, K chains each):
+    `agrees` when its majority is the human's choice (no majority, e.g. all abstaining, is a
+    miss). The pair's videos are local files (infra/critic_seed.py)."""
+    cfg = CritiqueConfig.model_validate(payload["critique"])
+    critic_cfg, pair = cfg.critic, payload["pair"]
+    frames = [video_frames(pair[k], critic_cfg.frames, critic_cfg.frame_short_edge)
+              for k in ("video_a", "video_b")]
+    key = ("critic", critic_cfg.model, critic_cfg.dtype, critic_cfg.device)
+    with FROZEN.use(key, lambda: load_critic(critic_cfg)) as critic:
+        judgment = judge_pair(critic, pair["prompt"], frames[0], frames[1],
+                              judgment_seed(cfg.seed, payload["sha_a"], payload["sha_b"]))
+    return {"id": f"human.{pair['id']}", "source": pair["video_a"], "kind": "human",
+            "prompt": pair["prompt"], "preferred": pair["preferred"],
+            "verdict": judgment["verdict"], "vote_share": judgment["vote_share"],
+            "agrees": judgment["verdict"] == pair["preferred"],
+            "judgments": json.dumps([judgment]), "status": "ok", "reason": ""}
+
+
 def release_critic() -> None:
     FROZEN.release()

@@ -246,6 +246,8 @@ def scored_rows(clips: list[dict], critiques: list[dict], split: dict[str, Split
     by_id = {c["id"]: c for c in clips}
     rows = []
     for crit in critiques:
+        if crit.get("kind") == "human":
+            continue  # the critic's held-out human-label check, not this round's videos
         clip = by_id.get(crit["gt_id"])
         if clip is None or split[clip["id"]] == "test":
             continue

@@ -298,7 +298,7 @@ def rounds_section(store: Store, stages: dict, rounds: list[int]) -> str:
     the training rows kept by kind, and whether the round trained (and from which adapter)."""
     lines = ["## Dual-IPO rounds", "",
              "| round | videos | judgments decided | chains abstaining | pairs | pointwise | real "
-             "| trained |", "|---|---|---|---|---|---|---|---|"]
+             "| trained | critic vs human labels |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rounds:
         def rows(stage: str) -> list[dict]:
             entry = stages.get(f"{stage}.r{r}")
@@ -308,7 +308,10 @@ def rounds_section(store: Store, stages: dict, rounds: list[int]) -> str:
                 return store.read_manifest(stage_dir(stage, entry["key"]))[0].to_pylist()
             except NotCommittedError:
                 return []
-        crit = rows("critique")
+        crit = [c for c in rows("critique") if c.get("kind") != "human"]
+        human = [c for c in rows("critique") if c.get("kind") == "human"]
+        accuracy = (f"{sum(bool(h.get('agrees')) for h in human)}/{len(human)} agree"
+                    if human else "not measured")
         kept = Counter(p.get("kind") for p in rows("pairs")
                        if p.get("status") == "ok" and p.get("split") == "train")
         train = stages.get(f"train.r{r}")
@@ -320,7 +323,8 @@ def rounds_section(store: Store, stages: dict, rounds: list[int]) -> str:
         chains = sum(c.get("n_chains") or 0 for c in crit)
         lines.append(f"| {r} | {stages.get(f'sample.r{r}', {}).get('counts', {}).get('ok', 0)} "
                      f"| {decided}/{judged} | {abstain}/{chains} | {kept.get('pair', 0)} "
-                     f"| {kept.get('pointwise', 0)} | {kept.get('real', 0)} | {trained} |")
+                     f"| {kept.get('pointwise', 0)} | {kept.get('real', 0)} | {trained} "
+                     f"| {accuracy} |")
     return "\n".join(lines) + "\n"
 
 

@@ -161,10 +161,23 @@ def test_round_stages_sample_critique_pairs(prefect_api, models: dict, tmp_path:
     a, b = (sample_video(p, "t2v", "a cat", None, 7, (16, 16, 5), scfg) for p in (base_pipe, tuned))
     assert a.shape == b.shape and not (a == b).all()
 
-    # Critique round 1: every chain in the manifest, each reproducible from its recorded seed.
+    # Critique round 1: every chain in the manifest, each reproducible from its recorded seed;
+    # plus one held-out human-labelled pair (regdpo.critic-seed.v1) for the critic's accuracy.
+    labels = tmp_path / "human"
+    labels.mkdir()
+    for i, r in enumerate(rows1[:2]):
+        (labels / f"v{i}.mp4").write_bytes(st.read_bytes(r["video"]))
+    (labels / "labels.csv").write_text("id,prompt,video_a,video_b,preferred,rationale\n"
+                                       f"h1,{rows1[0]['prompt']},v0.mp4,v1.mp4,a,sharper\n")
+    ccfg = ccfg.model_copy(update={"human_labels": str(labels / "labels.csv")})
     c1 = critique(run="i", config=ccfg, store=url, round=1)
     crit, _ = input_manifest(st, "i", "critique", "critique.r1")
-    assert c1["counts"]["ok"] == 2
+    assert c1["counts"]["ok"] == 3
+    human = [r for r in crit if r.get("kind") == "human"]
+    assert len(human) == 1 and human[0]["preferred"] == "a"
+    assert human[0]["verdict"] is None and human[0]["agrees"] is False  # an abstain is a miss
+    assert len(json.loads(human[0]["judgments"])[0]["chains"]) == 4
+    crit = [r for r in crit if r.get("kind") != "human"]
     judgments = [j for r in crit for j in json.loads(r["judgments"])]
     assert sorted(j["kind"] for j in judgments) == ["pair", "pair"] + ["point"] * 4
     pair = next(j for j in judgments if j["kind"] == "pair")
@@ -211,7 +224,7 @@ def test_round_stages_sample_critique_pairs(prefect_api, models: dict, tmp_path:
     again = critique(run="i", store=url, round=1)  # config from the run index's critique.r1
     assert again["key"] == c1["key"]
     assert {p: p.stat().st_mtime_ns for p in (tmp_path / "store").glob("items/*/*/row.json")} == rows_before
-    assert st.read_success(stage_dir("critique", c1["key"]))["computed"] == 2
+    assert st.read_success(stage_dir("critique", c1["key"]))["computed"] == 3
 
 
 def test_preflight_names_a_missing_critic_and_policy(tmp_path: Path):

@@ -47,6 +47,11 @@ class CritiqueConfig(Section):
                             "trains on)")
     seed: int = Field(0, ge=0, description="a judgment's seed derives from (seed, its videos); "
                       "chain i of an order is seeded from it (models.critic.chain_seed)")
+    human_labels: str | None = Field(None, description="held-out human-labelled pairs "
+                                     "(regdpo.critic-seed.v1 CSV/Parquet, local videos; "
+                                     "infra/critic_seed.py) the critic also judges each round: "
+                                     "its agreement with them is the paper's human preference "
+                                     "accuracy (an abstain counts as a miss). None = not measured")
     workers: int = Field(1, ge=1, description="prompts in flight (the critic is one model "
                          "per process: generation is serialized)")
 

@@ -247,6 +247,8 @@ def _resolve_paths(cfg: RunConfig, base: Path) -> RunConfig:
         cfg.precompute.model = _resolve(base, cfg.precompute.model)
     if cfg.ipo is not None and cfg.ipo.critique.critic.model.startswith((".", "/")):
         cfg.ipo.critique.critic.model = _resolve(base, cfg.ipo.critique.critic.model)
+    if cfg.ipo is not None and cfg.ipo.critique.human_labels:
+        cfg.ipo.critique.human_labels = _resolve(base, cfg.ipo.critique.human_labels)
     if cfg.pairs.annotated is not None:
         cfg.pairs.annotated.scores = _resolve(base, cfg.pairs.annotated.scores)
         cfg.pairs.annotated.video_root = _resolve(base, cfg.pairs.annotated.video_root)
