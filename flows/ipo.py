@@ -47,12 +47,12 @@ def round_pairs_config(config: RunConfig):
                                            "scored": config.ipo.pairs})
 
 
-def untrainable(config: RunConfig, store: Store, precomputed: dict) -> str | None:
-    """Why the round's pre-encoded rows cannot train with config.train (None: they can)."""
+def untrainable(config: RunConfig, store: Store, precomputed: dict, round: int) -> str | None:
+    """Why round `round`'s pre-encoded rows cannot train with config.train (None: they can)."""
     rows = store.read_manifest(stage_dir("precompute", precomputed["key"]))[0].to_pylist()
     counts = Counter(r.get("kind") or "pair" for r in rows if r.get("status") == "ok")
     try:
-        config.train.check_rows(dict(counts), f"of round's precompute {precomputed['manifest']}")
+        config.train.check_rows(dict(counts), f"of round {round} ({precomputed['manifest']})")
     except ConfigError as e:
         return str(e)
     return None
@@ -77,7 +77,7 @@ def ipo_round(run: str, config: RunConfig, round: int, adapter: str | None = Non
                           round=round)
     out["precompute"] = _stage(precompute, run=run, config=config.precompute, store=store,
                                round=round)
-    why = untrainable(config, Store(store), out["precompute"])
+    why = untrainable(config, Store(store), out["precompute"], round)
     if why is None:
         tcfg = config.train.model_copy(update={"init_adapter": adapter, "data": None})
         out["train"] = _stage(train, run=run, config=tcfg, store=store, round=round)

@@ -212,8 +212,8 @@ def test_round_stages_sample_critique_pairs(prefect_api, models: dict, tmp_path:
                      store=url, round=1)
     run_cfg = RunConfig(train=policy.model_dump() | {"loss": {"kind": "dpo", "nll_lambda": 0.1}},
                         ipo={})
-    assert "has 2 real" in untrainable(run_cfg, st, pre) and "needs rows of kind 'pair'" in \
-        untrainable(run_cfg, st, pre)
+    why = untrainable(run_cfg, st, pre, 1)
+    assert "of round 1 (" in why and "has 2 real" in why and "needs rows of kind 'pair'" in why
 
     # Re-deciding a threshold re-runs pairs only; a UI re-run of round 1's critique with its
     # recorded config reuses everything (no row written anywhere).
