@@ -74,6 +74,9 @@ def run(
     from flows.preflight import PreflightError, preflight
 
     stages = [s.strip() for s in only.split(",") if s.strip()] if only else None
+    if cfg.ipo is not None:
+        _run_ipo(cfg, stages, nproc, nnodes)
+        return
     try:  # before Prefect starts: a bad stage name or a missing model costs no flow run
         if nnodes > 1 and stages != ["train"]:
             raise ValueError("--nnodes > 1 trains across machines: give --only train (run the "
@@ -104,6 +107,38 @@ def run(
         typer.echo(f"{stage:10s} {entry['counts']}  {entry['manifest']}")
 
 
+def _run_ipo(cfg, stages: list[str] | None, nproc: int, nnodes: int) -> None:
+    """A config with an `ipo` section runs Dual-IPO's rounds (flows/ipo.py)."""
+    from infra import shutdown
+    from flows.dag import CURATE
+    from flows.ipo import ROUND_STAGES, ipo
+    from flows.preflight import PreflightError, preflight
+
+    try:
+        if stages or nproc != 1 or nnodes != 1:
+            raise ValueError("a Dual-IPO run (an `ipo` section) runs whole: drop --only, "
+                             "--nproc and --nnodes (re-run one round's stage from its "
+                             "deployment with `round`)")
+        preflight(cfg, list(CURATE) + list(ROUND_STAGES))
+    except (PreflightError, ValueError) as e:
+        _fail(f"run {cfg.name!r}: {e}")
+    try:
+        results = ipo(run=cfg.name, config=cfg)
+    except (LookupError, ValueError) as e:
+        _fail(f"run {cfg.name!r} failed: {e}")
+    except shutdown.ShutdownRequested as e:
+        typer.echo(f"stopped: {e}; committed work stands, rerun to continue", err=True)
+        raise typer.Exit(shutdown.exit_code())
+    for name, entry in results.items():
+        if name.startswith("r") and name[1:].isdigit():
+            trained = "trained" if entry["trained"] else f"not trained ({entry['why_not_trained']})"
+            typer.echo(f"round {entry['round']}: {trained}; adapter {entry['adapter']}")
+            for stage, e in entry["stages"].items():
+                typer.echo(f"  {stage:10s} {e['counts']}  {e['manifest']}")
+        else:
+            typer.echo(f"{name:10s} {entry['counts']}  {entry['manifest']}")
+
+
 @app.command("toy-data")
 def toy_data(
     out: str = typer.Argument(..., help="folder to write clips/, captions.csv, edge/ and models/ into"),
@@ -124,10 +159,10 @@ def report(
     store: str = typer.Option(os.environ.get("REGDPO_STORE", "file://./artifacts"), help="artifact store URL"),
 ) -> None:
     """Print a run's stage summaries, its evaluation tables (paper Tables 2/5/6) and GSB tallies."""
-    from infra.stage import stage_dir
+    from infra.stage import entry_stage, stage_dir
     from infra.store import NotCommittedError, Store
     from tasks.gsb.ratings import GSBError, markdown_table, run_tally
-    from tasks.report import STAGE_ORDER, render_report
+    from tasks.report import entry_order, render_report
 
     st = Store(_store(store))
     try:
@@ -135,9 +170,9 @@ def report(
     except LookupError as e:
         _fail(str(e))
     stages = st.read_run(run_name)["stages"]
-    for stage in sorted(stages, key=lambda s: STAGE_ORDER.index(s) if s in STAGE_ORDER else 99):
+    for stage in sorted(stages, key=entry_order):
         try:
-            success = st.read_success(stage_dir(stage, stages[stage]["key"]))
+            success = st.read_success(stage_dir(entry_stage(stage)[0], stages[stage]["key"]))
         except NotCommittedError:
             continue  # the table above says so
         not_ok = [r for r in success["by_reason"] if r["status"] != "ok"]

@@ -17,8 +17,8 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
-from flows.dag import STAGES
-from flows.stage import StageRun, artifact_key, recorded_config
+from flows.dag import STAGES, round_entry
+from flows.stage import StageRun, artifact_key, flow_run_name, recorded_config
 from infra.config import BASE, EvaluateConfig, NormalizeConfig
 from infra.stage import stage_dir
 from infra.store import Store, digest
@@ -33,11 +33,31 @@ PROXY = "evaluate-proxy"  # its rows live under items/evaluate-proxy/; keys use 
 VBENCH = "evaluate-vbench"
 
 
-def models_to_compare(st: Store, run: str, cfg: EvaluateConfig) -> tuple[list[dict], dict]:
-    """[{label, adapter}] starting with the base, and the train stage entry (or {})."""
+def round_adapters(st: Store, run: str, round: int) -> tuple[list[dict], list[dict]]:
+    """Dual-IPO: [{label r<k>, adapter}] of every round up to `round` that trained, and their
+    train entries (a round whose critic kept no training rows has none: flows/ipo.py)."""
+    stages = (st.read_run(run) or {}).get("stages") or {}
+    models, entries = [], []
+    for k in range(1, round + 1):
+        if entry := stages.get(round_entry("train", k)):
+            row = st.read_manifest(stage_dir("train", entry["key"]))[0].to_pylist()[0]
+            models.append({"label": f"r{k}", "adapter": row["adapter"]})
+            entries.append(entry)
+    return models, entries
+
+
+def models_to_compare(st: Store, run: str, cfg: EvaluateConfig,
+                      round: int | None = None) -> tuple[list[dict], dict]:
+    """[{label, adapter}] starting with the base, and the train stage entry (or {}); in a
+    Dual-IPO round, every round's adapter so far (rounds as rows) and the latest's entry."""
     models = [{"label": BASE, "adapter": None}]
-    train = ((st.read_run(run) or {}).get("stages") or {}).get("train") or {}
-    if cfg.include_trained and train:
+    if round is not None:
+        rounds, entries = round_adapters(st, run, round) if cfg.include_trained else ([], [])
+        models += rounds
+        train = entries[-1] if entries else {}
+    else:
+        train = ((st.read_run(run) or {}).get("stages") or {}).get("train") or {}
+    if round is None and cfg.include_trained and train:
         row = st.read_manifest(stage_dir("train", train["key"]))[0].to_pylist()[0]
         models.append({"label": adapter_label(train.get("config") or {}), "adapter": row["adapter"]})
     for label, uri in cfg.adapters.items():
@@ -138,10 +158,10 @@ def publish(st: Store, run: str, out: str, report: dict) -> dict:
     return report
 
 
-@flow(name="evaluate", flow_run_name="evaluate/{run}", log_prints=True)
+@flow(name="evaluate", flow_run_name=flow_run_name("evaluate"), log_prints=True)
 def evaluate(run: str = "toy", config: EvaluateConfig | None = None,
              store: str = "file://./artifacts",
-             overrides: list[str] | None = None) -> dict:
+             overrides: list[str] | None = None, round: int | None = None) -> dict:
     """Generate test videos for base and adapters, score them, report the paper's tables.
 
     Args:
@@ -153,13 +173,17 @@ def evaluate(run: str = "toy", config: EvaluateConfig | None = None,
             the environment).
         overrides: `--set`-style changes applied on top, e.g. ["evaluate.workers=4"];
             validated before any work.
+        round: a Dual-IPO round: the base and every round's adapter up to it (rounds as
+            rows), on pairs.r<round>'s held-out prompts; records evaluate.r<round>.
     """
-    s = StageRun(STAGE, run, config, store, overrides)
+    s = StageRun(STAGE, run, config, store, overrides, round=round)
     cfg, st = s.cfg, s.store
     if "vbench" in cfg.evaluators:
         check_vbench(cfg.vbench)  # before any work: env and every weight file
     tests = held_out_prompts(s.rows("pairs", status=None), cfg.generate.max_prompts)
-    models, train = models_to_compare(st, run, cfg)
+    models, train = models_to_compare(st, run, cfg, round)
+    if round is not None and not train:  # no round has trained yet: the base is the run's
+        train = {"config": ((st.read_run(run) or {}).get("config") or {}).get("train") or {}}
     spec = base_spec(cfg, train)
     norm = recorded_config(st, run, "normalize", NormalizeConfig)
     # What shapes one video (its seed and prompt are its identity; which seeds and how many
@@ -171,7 +195,9 @@ def evaluate(run: str = "toy", config: EvaluateConfig | None = None,
     settings = {"generate": gen, "spec": {k: spec[k] for k in ("kind", "model", "dtype")} | {"weights": weights},
                 "normalize": norm.model_dump(exclude={"workers", "caption"})}
     if entry := s.reuse({"config": cfg.model_dump(mode="json", exclude={"workers"}),
-                         "settings": settings, "models": models}, [train.get("manifest")]):
+                         "settings": settings, "models": models},
+                        [train.get("manifest")] if round is None else
+                        [e["manifest"] for e in round_adapters(st, run, round)[1]]):
         return entry
     work = []
     for m in models:  # grouped by model: one adapter switch per model
@@ -197,7 +223,7 @@ def evaluate(run: str = "toy", config: EvaluateConfig | None = None,
     report = publish(st, run, s.out, build_report(run, rows, cfg, [m["label"] for m in models],
                                                   tests, vbench))
     get_run_logger().info("evaluate:\n%s", markdown(report))
-    return s.commit(rows, {"train": train["manifest"]} if train else {})
+    return s.commit(rows, {"train": train["manifest"]} if train.get("manifest") else {})
 
 
 def _with_proxy(s: StageRun, rows: list[dict]) -> list[dict]:

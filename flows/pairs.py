@@ -10,8 +10,8 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.tasks import exponential_backoff
 
-from flows.dag import STAGES
-from flows.stage import StageRun, artifact_key, transient
+from flows.dag import STAGES, mode_version
+from flows.stage import StageRun, artifact_key, flow_run_name, transient
 from infra.config import PairsConfig
 from infra.store import Store, open_url
 from tasks import pairs as tp
@@ -47,10 +47,10 @@ def _publish(run: str, cfg: PairsConfig, rows: list[dict], counts: dict | None) 
     create_markdown_artifact(key=artifact_key(run, "pairs-counts"), markdown="\n".join(lines))
 
 
-@flow(name="pairs", flow_run_name="pairs/{run}", log_prints=True)
+@flow(name="pairs", flow_run_name=flow_run_name("pairs"), log_prints=True)
 def pairs(run: str = "toy", config: PairsConfig | None = None,
           store: str = "file://./artifacts",
-          overrides: list[str] | None = None) -> dict:
+          overrides: list[str] | None = None, round: int | None = None) -> dict:
     """Build the run's preference pairs and its held-out test set.
 
     Args:
@@ -62,18 +62,25 @@ def pairs(run: str = "toy", config: PairsConfig | None = None,
             the environment).
         overrides: `--set`-style changes applied on top, e.g. ["pairs.workers=4"];
             validated before any work.
+        round: a Dual-IPO round (mode scored: its critique.r<round>; the entry pairs.r<round>).
     """
-    s = StageRun(STAGE, run, config, store, overrides)
+    from infra.code import code_digest
+
+    s = StageRun(STAGE, run, config, store, overrides, round=round)
     cfg = s.cfg
     clips = s.rows("normalize")
     extra, inputs = [], {}
-    if cfg.mode == "annotated":
+    if cfg.mode == "scored":
+        critiques = s.rows("critique")
+        extra += [code_digest("tasks.pairs:scored_rows", "tasks.pairs:held_out_rows"),
+                  mode_version("pairs", "critique")]
+    elif cfg.mode == "annotated":
         with open_url(cfg.annotated.scores) as f:
             extra.append(hashlib.sha256(f.read()).hexdigest())
         inputs["scores"] = cfg.annotated.scores
     else:
         negatives = _negatives(s, cfg.mode)
-    if entry := s.reuse(cfg.model_dump(), extra):
+    if entry := s.reuse(cfg.settings(), extra):
         return entry
     split = tp.split_clips([c["id"] for c in clips], cfg.test_fraction, cfg.split_seed)
     counts = None
@@ -81,6 +88,8 @@ def pairs(run: str = "toy", config: PairsConfig | None = None,
         candidates, counts = tp.annotated_candidates(clips, tp.read_scores(cfg.annotated),
                                                      cfg.annotated, split)
         train = import_annotated(s.store.url, candidates, cfg.annotated.video_root)
+    elif cfg.mode == "scored":
+        train = tp.scored_rows(clips, critiques, split, cfg.scored)
     else:
         train = tp.negative_pairs(clips, negatives, split)
     rows = tp.held_out_rows(clips, split) + train

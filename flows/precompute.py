@@ -13,7 +13,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.tasks import exponential_backoff
 
 from flows.dag import STAGES
-from flows.stage import StageRun, transient
+from flows.stage import StageRun, flow_run_name, transient
 from infra.config import PrecomputeConfig
 from infra.store import Store
 
@@ -69,10 +69,10 @@ def encoder_weights(cfg: PrecomputeConfig) -> dict[str, str]:
     return {c: weight_identity(cfg.model, cfg.kind, cfg.dtype, c) for c in encoders}
 
 
-@flow(name="precompute", flow_run_name="precompute/{run}", log_prints=True)
+@flow(name="precompute", flow_run_name=flow_run_name("precompute"), log_prints=True)
 def precompute(run: str = "toy", config: PrecomputeConfig | None = None,
                store: str = "file://./artifacts",
-               overrides: list[str] | None = None) -> dict:
+               overrides: list[str] | None = None, round: int | None = None) -> dict:
     """Pre-encode the run's train pairs for the trainer.
 
     Args:
@@ -84,8 +84,9 @@ def precompute(run: str = "toy", config: PrecomputeConfig | None = None,
             the environment).
         overrides: `--set`-style changes applied on top, e.g. ["precompute.workers=4"];
             validated before any work.
+        round: a Dual-IPO round: reads pairs.r<round>, records precompute.r<round>.
     """
-    s = StageRun(STAGE, run, config, store, overrides)
+    s = StageRun(STAGE, run, config, store, overrides, round=round)
     cfg = s.cfg
     if cfg.model is None or cfg.kind is None:
         raise ValueError("precompute.model and precompute.kind are not set and there is no "

@@ -10,7 +10,8 @@ is listed at once, each naming the config key and how to fix it.
   answers (the config itself refuses a store the cluster's workers cannot reach);
 - every model a stage will load is here (a local folder with its layout, or a hub id in the
   HF cache; online, on the hub): the negatives generators, the model that precomputes and
-  trains, the evaluated base, the captioner, and VBench's environment and weights.
+  trains, the evaluated base, the captioner, VBench's environment and weights, and for a
+  Dual-IPO run the policy that samples and the critic (`ipo.critique.critic.model`).
 
 Nothing here downloads or loads weights.
 """
@@ -127,6 +128,9 @@ def _models(config: RunConfig, stages: list[str]) -> list[str]:
             "precompute.model" if pre.model else "train.model (precompute)")
     if "train" in stages and train is not None:
         wanted.setdefault((train.model, train.kind), []).append("train.model")
+    ipo = config.ipo
+    if "sample" in stages and ipo is not None and train is not None:
+        wanted.setdefault((train.model, train.kind), []).append("train.model (ipo.sample)")
     ev = config.evaluate
     if "evaluate" in stages and ev is not None:
         model, kind = ev.model or (train.model if train else None), ev.kind or (train.kind if train else None)
@@ -137,6 +141,11 @@ def _models(config: RunConfig, stages: list[str]) -> list[str]:
     for (model, kind), keys in wanted.items():
         if why := wan.check_available(wan.WanSpec(kind=kind, model=model)):
             problems.append(f"{', '.join(keys)}: {why}")
+    if "critique" in stages and ipo is not None:
+        from models import critic
+
+        if why := critic.check_available(ipo.critique.critic.model):
+            problems.append(f"ipo.critique.critic.model: {why}")
     caption = config.normalize.caption.model
     if "normalize" in stages and caption and (why := captioner.check_available(caption)):
         problems.append(f"normalize.caption.model: {why}")

@@ -28,7 +28,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.context import get_run_context
 from prefect.tasks import exponential_backoff
 
-from flows.dag import Stage
+from flows.dag import Stage, round_entry
 from flows.runner import Submit, item_runner
 from infra import shutdown
 from infra.config import RunnerConfig, Section
@@ -105,13 +105,16 @@ class StageRun:
     """One execution of a stage for a run: config, inputs, keys, reuse, items, commit."""
 
     def __init__(self, stage: Stage, run: str, config: Section | dict | None, store: str,
-                 overrides: list[str] | None = None):
+                 overrides: list[str] | None = None, round: int | None = None):
         shutdown.rearm()  # SIGTERM asks the items to stop, not Prefect to abandon them
         self.stage, self.run, self.started = stage, run, time.time()
-        tag_flow_run(f"run:{run}", f"stage:{stage.name}")  # first: a refused run is found too
+        # A Dual-IPO round's stage: its run-index entry and the inputs it reads are the round's.
+        self.round, self.entry = round, round_entry(stage.name, round)
+        tag_flow_run(f"run:{run}", f"stage:{stage.name}",  # first: a refused run is found too
+                     *([f"round:{round}"] if round is not None else []))
         self.store = Store(store)
         cfg = stage.config.model_validate(config) if config is not None else \
-            recorded_config(self.store, run, stage.name, stage.config)
+            recorded_config(self.store, run, self.entry, stage.config, stage.name)
         mine = [o for o in overrides or [] if not o.strip().startswith("runner.")]
         self.cfg = with_overrides(cfg, stage.name, mine)
         self.runner = run_runner(self.store, run, [o for o in overrides or [] if o not in mine])
@@ -130,12 +133,13 @@ class StageRun:
 
     def input(self, stage: str) -> tuple[list[dict], dict]:
         """(rows, success record) of the run's committed `stage` (one of `reads`)."""
-        if stage not in self.stage.reads:
+        if stage not in self.stage.reads + self.stage.mode_reads:
             raise ValueError(f"{self.stage.name} does not read {stage} (flows/dag.py)")
         if stage not in self._inputs:
             from infra.stage import input_manifest
 
-            self._inputs[stage] = input_manifest(self.store, self.run, stage)
+            self._inputs[stage] = input_manifest(self.store, self.run, stage,
+                                                 round_entry(stage, self.round))
         return self._inputs[stage]
 
     def rows(self, stage: str, status: str | None = "ok") -> list[dict]:
@@ -156,8 +160,8 @@ class StageRun:
         committed item). Bad items of a committed output (row or artifact missing, torn or
         resized) are found here and recomputed, never served."""
         # The inputs this run read (a stage may read a subset: annotated pairs need no negatives).
-        digests = [output_digest(self._inputs[s][1]) for s in self.stage.reads
-                   if s in self._inputs] + list(extra or [])
+        digests = [output_digest(self._inputs[s][1]) for s in
+                   self.stage.reads + self.stage.mode_reads if s in self._inputs] + list(extra or [])
         self.key = stage_key(self.stage.name, settings, digest(digests), self.code)
         st, out = self.store, stage_dir(self.stage.name, self.key)
         if not st.is_committed(out):
@@ -176,7 +180,7 @@ class StageRun:
         log.info("%s: inputs and config unchanged, reusing %s", self.stage.name, success["manifest"])
         entry = {"key": self.key, "manifest": success["manifest"], "counts": success["counts"],
                  "config": self.cfg.model_dump(mode="json")}
-        st.update_run(self.run, self.stage.name, entry)
+        st.update_run(self.run, self.entry, entry)
         return entry
 
     # -- items ---------------------------------------------------------------------------
@@ -238,10 +242,10 @@ class StageRun:
         """The manifest (then `_SUCCESS.json`), the run index entry, a summary table."""
         if self.key is None:
             raise RuntimeError("StageRun.reuse() fixes the stage key before commit()")
-        inputs = {s: self._inputs[s][1]["manifest"] for s in self.stage.reads if s in self._inputs} \
-            | (inputs or {})
+        inputs = {s: self._inputs[s][1]["manifest"] for s in self.stage.reads + self.stage.mode_reads
+                  if s in self._inputs} | (inputs or {})
         return commit_stage(self.store.url, self.run, self.stage.name, self.key, rows,
-                            self.cfg.model_dump(mode="json"), inputs, self.started)
+                            self.cfg.model_dump(mode="json"), inputs, self.started, self.entry)
 
     @property
     def out(self) -> str:
@@ -252,8 +256,9 @@ class StageRun:
 @task(name="commit", retries=3, retry_delay_seconds=exponential_backoff(backoff_factor=2),
       retry_condition_fn=transient, cache_policy=NO_CACHE)
 def commit_stage(store_url: str, run: str, stage: str, key: str, rows: list[dict], config: dict,
-                 inputs: dict, started: float) -> dict:
-    """Commit the manifest (then `_SUCCESS.json`), record it in the run index, publish a table."""
+                 inputs: dict, started: float, entry_name: str | None = None) -> dict:
+    """Commit the manifest (then `_SUCCESS.json`), record it in the run index (under
+    `entry_name`: a Dual-IPO round's `<stage>.r<k>`, else the stage), publish a table."""
     store = Store(store_url)
     this_run = flow_run_id()
     rows = row_sizes(store, stage, rows)
@@ -270,10 +275,10 @@ def commit_stage(store_url: str, run: str, stage: str, key: str, rows: list[dict
     }
     record = store.commit_manifest(stage_dir(stage, key), rows, success)
     entry = {"key": key, "manifest": record["manifest"], "counts": success["counts"], "config": config}
-    store.update_run(run, stage, entry)
+    store.update_run(run, entry_name or stage, entry)
     create_table_artifact(
-        key=artifact_key(run, stage), table=record["by_reason"],
-        description=f"**{stage}** for run `{run}`: {record['counts']} (computed "
+        key=artifact_key(run, entry_name or stage), table=record["by_reason"],
+        description=f"**{entry_name or stage}** for run `{run}`: {record['counts']} (computed "
                     f"{record['computed']}, reused {record['reused']}); manifest "
                     f"{store.uri(record['manifest'])}")
     return entry
@@ -323,10 +328,29 @@ def run_runner(store: Store, run: str, overrides: list[str]) -> RunnerConfig:
     return load_section(RunnerConfig, data, f"runner of run {run!r} (overrides {overrides})")
 
 
-def recorded_config(store: Store, run: str, stage: str, cls: type) -> Any:
-    """The config a run last used for `stage` (so a UI re-run repeats it), else the defaults."""
+def recorded_config(store: Store, run: str, entry: str, cls: type, stage: str | None = None) -> Any:
+    """The config a run last used for its run-index `entry` (a stage, or a round's
+    `<stage>.r<k>`; so a UI re-run repeats it), else the run config's section of `stage`
+    (SECTION_PATHS: sample and critique live under `ipo`), else the defaults."""
+    from infra.config import SECTION_PATHS
+
     index = store.read_run(run) or {}
-    data = (index.get("stages", {}).get(stage) or {}).get("config")
+    data = (index.get("stages", {}).get(entry) or {}).get("config")
     if data is None:
-        data = (index.get("config") or {}).get(stage) or {}
+        data = index.get("config") or {}
+        for part in SECTION_PATHS.get(stage or entry, (stage or entry,)):
+            data = (data or {}).get(part) or {}
     return cls.model_validate(data)
+
+
+def flow_run_name(stage: str) -> Callable[[], str]:
+    """A stage flow's run name: `<stage>/<run>`, and `<stage>/<run>/r<k>` in a Dual-IPO round."""
+    def name() -> str:
+        from prefect.runtime import flow_run
+
+        params = flow_run.parameters
+        round = params.get("round")
+        return f"{stage}/{params.get('run')}" + (f"/r{round}" if round is not None else "")
+
+    name.__name__ = f"{stage}_run_name"
+    return name

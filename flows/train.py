@@ -32,8 +32,8 @@ from prefect.artifacts import (create_link_artifact, create_markdown_artifact,
                                update_progress_artifact)
 from prefect.cache_policies import NO_CACHE
 
-from flows.dag import STAGES
-from flows.stage import StageRun, artifact_key, flow_run_id
+from flows.dag import STAGES, round_entry
+from flows.stage import StageRun, artifact_key, flow_run_id, flow_run_name
 from infra.config import TrainConfig
 from infra.plots import fig2_panels
 from infra.stage import output_digest, stage_dir
@@ -44,14 +44,15 @@ REPO = Path(__file__).resolve().parents[1]
 LOG_TAIL = 60  # lines of the launch's output a failure quotes
 
 
-def pairs_dir(st: Store, run: str, cfg: TrainConfig, pairs: str | None) -> str:
+def pairs_dir(st: Store, run: str, cfg: TrainConfig, pairs: str | None,
+              round: int | None = None) -> str:
     """The store key of the pairs dataset: `pairs` (URI or key), else train.data, else the
-    run's committed precompute stage."""
+    run's committed precompute stage (a Dual-IPO round's: precompute.r<round>)."""
     if pairs:
         return st.key_of(pairs)
     if cfg.data:
         return cfg.data
-    entry = ((st.read_run(run) or {}).get("stages") or {}).get("precompute")
+    entry = ((st.read_run(run) or {}).get("stages") or {}).get(round_entry("precompute", round))
     if entry is None:
         raise LookupError(
             f"run {run!r} has no pairs to train on in {st.url}: no committed 'precompute' stage "
@@ -60,8 +61,8 @@ def pairs_dir(st: Store, run: str, cfg: TrainConfig, pairs: str | None) -> str:
     return stage_dir("precompute", entry["key"])
 
 
-def _run_precompute(st: Store, run: str) -> str | None:
-    entry = ((st.read_run(run) or {}).get("stages") or {}).get("precompute")
+def _run_precompute(st: Store, run: str, round: int | None = None) -> str | None:
+    entry = ((st.read_run(run) or {}).get("stages") or {}).get(round_entry("precompute", round))
     return stage_dir("precompute", entry["key"]) if entry else None
 
 
@@ -252,11 +253,12 @@ def publish(run: str, st: Store, outputs: dict, rows: list[dict]) -> None:
                           description=f"metrics of the last step of run {run}")
 
 
-@flow(name="train", flow_run_name="train/{run}", log_prints=True)
+@flow(name="train", flow_run_name=flow_run_name("train"), log_prints=True)
 def train(run: str = "toy", config: TrainConfig | dict | None = None,
           store: str = "file://./artifacts",
           overrides: list[str] | None = None, pairs: str | None = None, nproc: int = 1,
-          nnodes: int = 1, node_rank: int = 0, rdzv: str | None = None) -> dict:
+          nnodes: int = 1, node_rank: int = 0, rdzv: str | None = None,
+          round: int | None = None) -> dict:
     """LoRA post-training (Reg-DPO, DPO, SFT, region, KTO) on a committed pairs dataset;
     `nproc` processes on this machine (torchrun), laid out by the config's `parallel` section.
 
@@ -276,16 +278,18 @@ def train(run: str = "toy", config: TrainConfig | dict | None = None,
         node_rank: this machine's index, 0..nnodes-1; node 0 commits the stage.
         rdzv: HOST:PORT of the c10d rendezvous when nnodes > 1, the same on every node
             (e.g. node 0's address and a free port).
+        round: a Dual-IPO round: trains on precompute.r<round>, records train.r<round>
+            (train.init_adapter, set by flows/ipo.py, is the previous round's adapter).
     """
     from tasks.train import check_launch, config_digest
 
     if nproc < 1:
         raise ValueError(f"nproc must be >= 1 (processes on this machine), got {nproc}")
     check_nodes(nnodes, node_rank, rdzv)
-    s = StageRun(STAGE, run, config, store, overrides)
+    s = StageRun(STAGE, run, config, store, overrides, round=round)
     st = s.store
     check_launch(s.cfg, nproc * nnodes)  # a layout that cannot fit fails before any work
-    data = pairs_dir(st, run, s.cfg, pairs)
+    data = pairs_dir(st, run, s.cfg, pairs, round)
     cfg = s.cfg = s.cfg.model_copy(update={"data": data})
     data_success = st.read_success(data)  # raises, naming the dir, if the pairs never committed
     from models.runtime import weight_identity  # the base weights, not just their name
@@ -317,7 +321,7 @@ def train(run: str = "toy", config: TrainConfig | dict | None = None,
            "artifacts": st.take_receipts(lambda k: k == outputs["adapter"]),
            "collapse_steps": sum(bool(r.get("collapse")) for r in rows), "flow_run": flow_run_id()}
     # Named "precompute" when it is the run's own pre-encoded pairs (the report checks staleness).
-    source = "precompute" if data == _run_precompute(st, run) else "pairs_dataset"
+    source = "precompute" if data == _run_precompute(st, run, round) else "pairs_dataset"
     entry = s.commit([row], {source: data_success["manifest"]})
     return entry | {k: outputs[k] for k in ("adapter", "metrics", "tensorboard", "fig2")}
 

@@ -45,6 +45,13 @@ def stage_key(stage: str, config: dict, input_digest: str, code: str) -> str:
     return digest({"stage": stage, "config": config, "input": input_digest, "code": code})
 
 
+def entry_stage(entry: str) -> tuple[str, int | None]:
+    """(stage, round) of a run-index entry: `pairs.r2` -> ("pairs", 2) (a Dual-IPO round's
+    entry, flows/dag.py round_entry); `pairs` -> ("pairs", None)."""
+    stage, dot, rest = entry.rpartition(".r")
+    return (stage, int(rest)) if dot and stage and rest.isdigit() else (entry, None)
+
+
 def stage_dir(stage: str, key: str) -> str:
     return join_key("stages", stage, key)
 
@@ -126,14 +133,16 @@ def row_sizes(store: Store, stage: str, rows: list[dict]) -> list[dict]:
             else r for r in rows]
 
 
-def input_manifest(store: Store, run: str, stage: str) -> tuple[list[dict], dict]:
-    """The committed manifest `stage` produced for `run` (via the run index)."""
-    index = store.read_run(run)
-    if not index or stage not in index.get("stages", {}):
+def input_manifest(store: Store, run: str, stage: str, entry: str | None = None
+                   ) -> tuple[list[dict], dict]:
+    """The committed manifest `stage` produced for `run` (via the run index, under `entry`:
+    a Dual-IPO round's `<stage>.r<k>`, else the stage's own name)."""
+    index, entry = store.read_run(run), entry or stage
+    if not index or entry not in index.get("stages", {}):
         raise LookupError(
-            f"run {run!r} has no committed {stage!r} stage in {store.url}: run `regdpo run CONFIG "
+            f"run {run!r} has no committed {entry!r} stage in {store.url}: run `regdpo run CONFIG "
             f"--run {run} --only {stage}` (or the {stage} deployment) first"
         )
-    table, success = store.read_manifest(stage_dir(stage, index["stages"][stage]["key"]))
+    table, success = store.read_manifest(stage_dir(stage, index["stages"][entry]["key"]))
     return table.to_pylist(), success
 

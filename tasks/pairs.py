@@ -2,6 +2,8 @@
 
 - gt_pair (Reg-DPO §3.1): each GT clip wins against each of its generated negatives.
 - local (LocalDPO): each GT clip wins against its locally corrupted copy; the mask travels along.
+- scored (Dual-IPO): a round's critic verdicts above the vote-share and margin thresholds give
+  pairs and pointwise (KTO) rows; the train GT clips give `real` rows for the NLL term.
 - annotated (paper A.1's manual pairs): external per-video scores; within one GT clip's
   videos every two with different scores make a pair, the higher one wins; the paper's
   options keep pairs with a score gap >= 1 or >= 2 and a positive score >= 4.
@@ -14,6 +16,7 @@ negatives of a test clip never reach training.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from collections import Counter
 from itertools import combinations
@@ -23,7 +26,7 @@ from typing import Literal
 import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 
-from infra.config import AnnotatedConfig
+from infra.config import AnnotatedConfig, ScoredPairsConfig
 from infra.store import Store, digest, open_url
 from infra.video import ProbeError, probe
 
@@ -203,3 +206,69 @@ def import_pairs(store: Store, rows: list[dict], root: str) -> list[dict]:
 def split_counts(rows: list[dict]) -> dict[str, int]:
     c = Counter((r.get("split"), r["status"]) for r in rows)
     return {f"{split} {status}": n for (split, status), n in sorted(c.items(), key=str)}
+
+
+# ---------------------------------------------------------------------------------------
+# scored (Dual-IPO): the critic's verdicts
+# ---------------------------------------------------------------------------------------
+
+
+def verdict_margin(judgment: dict) -> float:
+    """(majority − minority votes) over all chains: the certainty of the preference (abstains
+    count in the denominator, as in the vote share)."""
+    votes = {k: n for k, n in judgment["votes"].items() if k != "abstain"}
+    total = sum(judgment["votes"].values())
+    if judgment["verdict"] is None or not total:
+        return 0.0
+    other = max((n for k, n in votes.items() if k != judgment["verdict"]), default=0)
+    return (votes[judgment["verdict"]] - other) / total
+
+
+def _kept(judgment: dict, cfg: ScoredPairsConfig) -> str:
+    """"" when the judgment's majority clears the thresholds, else why not."""
+    if judgment["verdict"] is None:
+        return f"no majority verdict (votes {judgment['votes']})"
+    if judgment["vote_share"] < cfg.min_vote_share:
+        return f"vote share {judgment['vote_share']:.3g} < min_vote_share {cfg.min_vote_share:g}"
+    if (margin := verdict_margin(judgment)) < cfg.min_margin:
+        return f"margin {margin:.3g} < min_margin {cfg.min_margin:g}"
+    return ""
+
+
+def scored_rows(clips: list[dict], critiques: list[dict], split: dict[str, Split],
+                cfg: ScoredPairsConfig) -> list[dict]:
+    """A Dual-IPO round's training rows from the critique manifest (no VLM runs here):
+    a pair (kind `pair`, preferred = win) per pairwise judgment whose majority clears
+    min_vote_share and min_margin; a `pointwise` row (desirable = the majority said good) per
+    such pointwise judgment; a `real` row per train GT clip (the NLL regulariser's data).
+    A judgment that does not clear them is a rejected row saying why. Held-out clips' videos
+    never reach training."""
+    by_id = {c["id"]: c for c in clips}
+    rows = []
+    for crit in critiques:
+        if crit.get("kind") == "human":
+            continue  # the critic's held-out human-label check, not this round's videos
+        clip = by_id.get(crit["gt_id"])
+        if clip is None or split[clip["id"]] == "test":
+            continue
+        videos = {v["id"]: v for v in json.loads(crit["videos"])}
+        for j in json.loads(crit["judgments"]):
+            votes = {"vote_share": j["vote_share"], "margin": verdict_margin(j),
+                     "verdict": j["verdict"], "round": crit["round"]}
+            reason = _kept(j, cfg)
+            if j["kind"] == "pair":
+                win, lose = (j["a"], j["b"]) if j["verdict"] != "b" else (j["b"], j["a"])
+                rows.append(_pair(clip, f"{j['a']}~{j['b']}", "train", kind="pair", generator="policy",
+                                  win=None if reason else videos[win]["video"],
+                                  lose=None if reason else videos[lose]["video"],
+                                  status="rejected" if reason else "ok", reason=reason, **votes))
+            elif cfg.pointwise:
+                v = videos[j["video_id"]]
+                rows.append(_pair(clip, f"{v['id']}.point", "train", kind="pointwise",
+                                  generator="policy", video=None if reason else v["video"],
+                                  desirable=None if reason else j["verdict"] == "good",
+                                  status="rejected" if reason else "ok", reason=reason, **votes))
+    if cfg.real:
+        rows += [_pair(c, f"{c['id']}.real", "train", kind="real", video=c["video"],
+                       generator="real") for c in clips if split[c["id"]] == "train"]
+    return rows

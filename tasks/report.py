@@ -21,12 +21,13 @@ from __future__ import annotations
 
 import json
 import math
+from collections import Counter
 import tempfile
 from pathlib import Path
 from typing import Iterable
 
 from infra.config import BASE, STAGE_CONFIGS
-from infra.stage import stage_dir
+from infra.stage import entry_stage, stage_dir
 from infra.store import NotCommittedError, Store
 
 HEADINGS: dict[str, str] = {
@@ -222,7 +223,10 @@ def publish_chart(store: Store, report: dict, key: str) -> str:
 # The whole run as text (`regdpo report --run NAME`)
 # ---------------------------------------------------------------------------------------
 
-STAGE_ORDER = tuple(STAGE_CONFIGS)  # the DAG's order (flows/dag.py checks it is the same)
+# The DAG's order, Dual-IPO's own stages where a round runs them (before its pairs).
+STAGE_ORDER = ("acquire", "filter", "normalize", "negatives", "sample", "critique", "pairs",
+               "precompute", "train", "evaluate")
+assert set(STAGE_ORDER) == set(STAGE_CONFIGS), "tasks/report.py misses a stage of the DAG"
 
 
 def stage_notes(store: Store, stages: dict) -> dict[str, str]:
@@ -231,13 +235,17 @@ def stage_notes(store: Store, stages: dict) -> dict[str, str]:
     alone leaves `evaluate` scoring the previous adapter)."""
     notes: dict[str, str] = {}
     for name, entry in stages.items():
+        stage, round = entry_stage(name)
         try:
-            inputs = store.read_success(stage_dir(name, entry["key"])).get("inputs") or {}
+            inputs = store.read_success(stage_dir(stage, entry["key"])).get("inputs") or {}
         except NotCommittedError:
             notes[name] = f"not committed: re-run {name}"
             continue
-        moved = [k for k, uri in inputs.items()
-                 if k in stages and isinstance(uri, str) and stages[k].get("manifest") != uri]
+        # A round's stage read its inputs from the same round (normalize from outside them).
+        mine = {k: f"{k}.r{round}" if round is not None and f"{k}.r{round}" in stages else k
+                for k in inputs}
+        moved = [mine[k] for k, uri in inputs.items() if mine[k] in stages and isinstance(uri, str)
+                 and stages[mine[k]].get("manifest") != uri]
         if moved:
             notes[name] = f"stale: built from an older {', '.join(moved)} output; re-run {name}"
     return notes
@@ -253,21 +261,71 @@ def render_report(store: Store, run: str) -> str:
     lines = [f"# Run `{run}`", f"store: {store.url} · updated {index.get('updated_at', '?')}", "",
              "| stage | ok | rejected | failed | manifest | note |", "|---|---|---|---|---|---|"]
     notes = stage_notes(store, stages)
-    for name in sorted(stages, key=lambda s: (STAGE_ORDER.index(s) if s in STAGE_ORDER else 99, s)):
+    for name in sorted(stages, key=entry_order):
         counts = stages[name].get("counts") or {}
         note = notes.get(name, "")
         lines.append(f"| {name} | {counts.get('ok', 0)} | {counts.get('rejected', 0)} | "
                      f"{counts.get('failed', 0)} | {stages[name].get('manifest', '')} | {note} |")
     text = "\n".join(lines) + "\n"
-    if "train" in stages and "train" not in notes:
-        text += "\n" + training_section(store, stages["train"])
-    if "evaluate" in stages:
-        report_key = f"{stage_dir('evaluate', stages['evaluate']['key'])}/report.json"
+    rounds = sorted({r for r in (entry_stage(n)[1] for n in stages) if r is not None})
+    if rounds:
+        text += "\n" + rounds_section(store, stages, rounds)
+    trains = [n for n in sorted(stages, key=entry_order) if entry_stage(n)[0] == "train"]
+    for name in trains:
+        if name not in notes:
+            text += "\n" + training_section(store, stages[name]).replace(
+                "## Training", f"## Training ({name})" if name != "train" else "## Training", 1)
+    # The evaluation: the run's, or the last round's (every round's adapter as a row).
+    evaluate = "evaluate" if "evaluate" in stages else next(
+        (f"evaluate.r{r}" for r in reversed(rounds) if f"evaluate.r{r}" in stages), None)
+    if evaluate:
+        report_key = f"{stage_dir('evaluate', stages[evaluate]['key'])}/report.json"
         try:
             text += "\n" + markdown(store.read_json(report_key))
         except FileNotFoundError:
             text += f"\n(evaluate committed without {report_key})\n"
     return text
+
+
+def entry_order(name: str) -> tuple:
+    """Run-index entries in DAG order, a Dual-IPO round's after the stages outside rounds."""
+    stage, round = entry_stage(name)
+    return (round or 0, STAGE_ORDER.index(stage) if stage in STAGE_ORDER else 99, name)
+
+
+def rounds_section(store: Store, stages: dict, rounds: list[int]) -> str:
+    """Dual-IPO: per round, the videos sampled, the critic's decided judgments and abstains,
+    the training rows kept by kind, and whether the round trained (and from which adapter)."""
+    lines = ["## Dual-IPO rounds", "",
+             "| round | videos | judgments decided | chains abstaining | pairs | pointwise | real "
+             "| trained | critic vs human labels |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in rounds:
+        def rows(stage: str) -> list[dict]:
+            entry = stages.get(f"{stage}.r{r}")
+            if not entry:
+                return []
+            try:
+                return store.read_manifest(stage_dir(stage, entry["key"]))[0].to_pylist()
+            except NotCommittedError:
+                return []
+        crit = [c for c in rows("critique") if c.get("kind") != "human"]
+        human = [c for c in rows("critique") if c.get("kind") == "human"]
+        accuracy = (f"{sum(bool(h.get('agrees')) for h in human)}/{len(human)} agree"
+                    if human else "not measured")
+        kept = Counter(p.get("kind") for p in rows("pairs")
+                       if p.get("status") == "ok" and p.get("split") == "train")
+        train = stages.get(f"train.r{r}")
+        trained = "no (no usable rows)" if not train else (
+            f"yes, from {train['config'].get('init_adapter') or 'the base'}")
+        decided = sum(c.get("n_decided") or 0 for c in crit)
+        judged = sum(c.get("n_judgments") or 0 for c in crit)
+        abstain = sum(c.get("n_abstain") or 0 for c in crit)
+        chains = sum(c.get("n_chains") or 0 for c in crit)
+        lines.append(f"| {r} | {stages.get(f'sample.r{r}', {}).get('counts', {}).get('ok', 0)} "
+                     f"| {decided}/{judged} | {abstain}/{chains} | {kept.get('pair', 0)} "
+                     f"| {kept.get('pointwise', 0)} | {kept.get('real', 0)} | {trained} "
+                     f"| {accuracy} |")
+    return "\n".join(lines) + "\n"
 
 
 # The last step's metrics the Training section shows, in this order (a loss logs a subset).

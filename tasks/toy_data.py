@@ -143,13 +143,16 @@ def make_edge_cases(out: Path) -> dict[str, Path]:
 
 
 def make_toy_models(out: str | os.PathLike) -> Path:
-    """models/tiny-blip (captioner) and models/tiny-wan-i2v (a random-weight Wan2.1 I2V in the
-    diffusers layout): what configs/toy.yaml loads instead of real weights."""
-    from models.tiny import build_tiny, build_tiny_captioner
+    """models/tiny-blip (captioner), models/tiny-wan-i2v and tiny-wan-t2v (random-weight
+    Wan2.1 I2V and T2V in the diffusers layout) and models/tiny-critic (a random-weight
+    Qwen2-VL critic): what configs/toy.yaml and toy-ipo.yaml load instead of real weights."""
+    from models.tiny import build_tiny, build_tiny_captioner, build_tiny_critic
 
     models = Path(out) / "models"
     build_tiny_captioner(models / "tiny-blip")
     build_tiny("i2v", models / "tiny-wan-i2v")
+    build_tiny("t2v", models / "tiny-wan-t2v")
+    build_tiny_critic(models / "tiny-critic")
     return models
 
 

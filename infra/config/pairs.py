@@ -8,6 +8,7 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 
 from infra.config.base import Section
+from infra.config.ipo import ScoredPairsConfig
 from infra.config.wan import WAN21_I2V_14B_720P, WAN_NEGATIVE_PROMPT, Kind, WanEdge, WanFrames
 from infra.store import safe_part
 
@@ -121,8 +122,13 @@ class AnnotatedConfig(Section):
 class PairsConfig(Section):
     """The pairs stage: preference pairs and the train/test split by GT clip."""
 
-    mode: Literal["gt_pair", "local", "annotated"] = "gt_pair"
+    mode: Literal["gt_pair", "local", "annotated", "scored"] = Field(
+        "gt_pair", description="gt_pair / local: GT clips win against the negatives stage's "
+        "videos; annotated: external scores; scored: a Dual-IPO round's critic verdicts "
+        "(flows/ipo.py sets it, with `scored` = ipo.pairs)")
     annotated: AnnotatedConfig | None = None
+    scored: ScoredPairsConfig | None = Field(None, description="mode scored's thresholds "
+                                             "(ipo.pairs); the other modes take none")
     test_fraction: float = Field(0.04, ge=0, lt=1, description="share of GT clips held out; "
                                  "the test set keeps only their reference frames and prompts "
                                  "(paper: 500 of 12.5K)")
@@ -134,7 +140,15 @@ class PairsConfig(Section):
         if (self.mode == "annotated") != (self.annotated is not None):
             raise ValueError("mode 'annotated' needs the `annotated` section (scores file, "
                              "video_root) and the other modes take none")
+        if (self.mode == "scored") != (self.scored is not None):
+            raise ValueError("mode 'scored' needs the `scored` section (the ipo.pairs "
+                             "thresholds) and the other modes take none")
         return self
+
+    def settings(self) -> dict:
+        """What the stage key digests: the fields, without the `scored` slot when unused (so
+        the keys of the other modes are what they were before it existed)."""
+        return self.model_dump(exclude={"scored"} if self.scored is None else None)
 
 
 class PrecomputeConfig(Section):

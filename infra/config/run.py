@@ -15,6 +15,7 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 from infra.config.base import ConfigError, Section, yaml_load
 from infra.config.curate import AcquireConfig, FilterConfig, ManifestSource, NormalizeConfig
 from infra.config.evaluate import EvaluateConfig
+from infra.config.ipo import CritiqueConfig, IpoConfig, SampleConfig
 from infra.config.pairs import NegativesConfig, PairsConfig, PrecomputeConfig
 from infra.config.runner import RunnerConfig, store_problem
 from infra.config.train import TrainConfig
@@ -40,6 +41,9 @@ class RunConfig(Section):
                                       "not train")
     evaluate: EvaluateConfig | None = Field(None, description="the evaluate stage; None = the "
                                             "run does not evaluate")
+    ipo: IpoConfig | None = Field(None, description="Dual-IPO rounds (flows/ipo.py): sample, "
+                                  "critique, scored pairs, then this config's precompute, train "
+                                  "and evaluate, once per round; None = not a Dual-IPO run")
 
     @field_validator("name")
     @classmethod
@@ -77,6 +81,21 @@ class RunConfig(Section):
                                  f"drop precompute.{field} (it defaults to train's)")
         return self
 
+    @model_validator(mode="after")
+    def _ipo(self) -> "RunConfig":
+        if self.ipo is None:
+            return self
+        if self.train is None:
+            raise ValueError("ipo needs a `train` section: its model is the policy that samples "
+                             "each round and the round's adapter trains it")
+        if self.train.kind != "t2v" and self.train.kind != "i2v":
+            raise ValueError(f"ipo samples with train.model, a Wan2.1 t2v or i2v model (got "
+                             f"train.kind {self.train.kind!r})")
+        if self.train.init_adapter is not None:
+            raise ValueError("ipo sets train.init_adapter itself (round r starts from round "
+                             "r-1's adapter); drop train.init_adapter")
+        return self
+
 
 STAGE_CONFIGS: dict[str, type[Section]] = {
     "acquire": AcquireConfig,
@@ -87,7 +106,14 @@ STAGE_CONFIGS: dict[str, type[Section]] = {
     "precompute": PrecomputeConfig,
     "train": TrainConfig,
     "evaluate": EvaluateConfig,
+    # Dual-IPO's own stages (sections under `ipo`, SECTION_PATHS)
+    "sample": SampleConfig,
+    "critique": CritiqueConfig,
 }
+# Stages whose section is not the RunConfig field of their name.
+SECTION_PATHS: dict[str, tuple[str, ...]] = {"sample": ("ipo", "sample"),
+                                             "critique": ("ipo", "critique")}
+
 
 def _format_errors(err: ValidationError, source: str) -> str:
     lines = [f"invalid run config {source}:"]
@@ -219,6 +245,10 @@ def _resolve_paths(cfg: RunConfig, base: Path) -> RunConfig:
             generator.model = _resolve(base, generator.model)
     if cfg.precompute.model and cfg.precompute.model.startswith((".", "/")):
         cfg.precompute.model = _resolve(base, cfg.precompute.model)
+    if cfg.ipo is not None and cfg.ipo.critique.critic.model.startswith((".", "/")):
+        cfg.ipo.critique.critic.model = _resolve(base, cfg.ipo.critique.critic.model)
+    if cfg.ipo is not None and cfg.ipo.critique.human_labels:
+        cfg.ipo.critique.human_labels = _resolve(base, cfg.ipo.critique.human_labels)
     if cfg.pairs.annotated is not None:
         cfg.pairs.annotated.scores = _resolve(base, cfg.pairs.annotated.scores)
         cfg.pairs.annotated.video_root = _resolve(base, cfg.pairs.annotated.video_root)
