@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import diffusers
+import numpy as np
 import torch
 from accelerate import init_empty_weights
 from diffusers import (
@@ -472,6 +473,24 @@ def canonical_safetensors(data: bytes) -> bytes:
 # Each helper runs the diffusers pipeline's own code on a pipeline object that holds only
 # the components it needs, so an embedding or a condition here is bit for bit what
 # WanPipeline / WanImageToVideoPipeline would compute inside __call__.
+
+
+def generate_video(pipe: Pipeline, prompt: str, seed: int, size: tuple[int, int, int], *,
+                   steps: int, guidance: float, negative_prompt: str | None = None,
+                   image: Any = None) -> np.ndarray:
+    """One video from a Wan pipeline's own __call__ (`image` for I2V): uint8 RGB [F, H, W, 3] at
+    size (width, height, frames). The noise comes from a CPU generator seeded `seed`, so a
+    seed gives the same video on any device and in any batch."""
+    width, height, frames = size
+    kwargs: dict[str, Any] = dict(
+        prompt=prompt, negative_prompt=negative_prompt, height=height, width=width,
+        num_frames=frames, num_inference_steps=steps, guidance_scale=guidance, output_type="np",
+        generator=torch.Generator(device="cpu").manual_seed(seed))
+    if image is not None:
+        kwargs["image"] = image
+    with torch.no_grad():
+        video = pipe(**kwargs).frames[0]
+    return (np.clip(np.asarray(video, dtype=np.float32), 0, 1) * 255).round().astype(np.uint8)
 
 
 def load_generator(spec: WanSpec) -> Pipeline:

@@ -122,21 +122,14 @@ def _adapter_file(store: Store, ref: str):
 
 
 def sample_frames(pipe, kind: str, prompt: str, image, seed: int, width: int, height: int,
-                  frames: int, cfg: GenerateConfig, device: str) -> np.ndarray:
+                  frames: int, cfg: GenerateConfig) -> np.ndarray:
     """One video from the Wan pipeline: uint8 RGB [F, H, W, 3]."""
-    import torch
+    from models.wan import generate_video
 
-    kwargs: dict[str, Any] = dict(
-        prompt=prompt, negative_prompt=cfg.negative_prompt, height=height, width=width,
-        num_frames=frames, num_inference_steps=cfg.num_inference_steps,
-        guidance_scale=cfg.guidance_scale, output_type="np",
-        generator=torch.Generator(device="cpu").manual_seed(seed),  # same noise on any device
-    )
-    if kind != "t2v":
-        kwargs["image"] = image
-    with torch.no_grad():
-        video = pipe(**kwargs).frames[0]
-    return (np.clip(np.asarray(video, dtype=np.float32), 0, 1) * 255).round().astype(np.uint8)
+    return generate_video(pipe, prompt, seed, (width, height, frames),
+                          steps=cfg.num_inference_steps, guidance=cfg.guidance_scale,
+                          negative_prompt=cfg.negative_prompt,
+                          image=image if kind != "t2v" else None)
 
 
 def generate_one(store: Store, payload: dict, out_dir: str) -> dict:
@@ -165,7 +158,7 @@ def generate_one(store: Store, payload: dict, out_dir: str) -> dict:
         pipe = _pipeline(spec["kind"], spec["model"], spec["dtype"], spec["device"])
         _select_model(pipe, store, m["label"], m["adapter"])
         frames = sample_frames(pipe, spec["kind"], t["prompt"], image, seed, gw, gh, frames_n,
-                               cfg, spec["device"])
+                               cfg)
     gt = norm.model_copy(update={"fps": t.get("fps") or norm.fps})
     with tempfile.TemporaryDirectory(prefix="regdpo-eval-") as tmp:
         video = os.path.join(tmp, "video.mp4")

@@ -49,16 +49,9 @@ def load_policy(store: Store, policy: dict, device: torch.device) -> wan.Pipelin
 def sample_video(pipe: wan.Pipeline, kind: str, prompt: str, image: Any, seed: int,
                  size: tuple[int, int, int], cfg: SampleConfig) -> np.ndarray:
     """One video from the policy: uint8 RGB [F, H, W, 3]."""
-    width, height, frames = size
-    kwargs: dict[str, Any] = dict(
-        prompt=prompt, negative_prompt=cfg.negative_prompt, height=height, width=width,
-        num_frames=frames, num_inference_steps=cfg.steps, guidance_scale=cfg.guidance,
-        output_type="np", generator=torch.Generator().manual_seed(seed))
-    if kind != "t2v":
-        kwargs["image"] = image
-    with torch.no_grad():
-        video = pipe(**kwargs).frames[0]
-    return (np.clip(np.asarray(video, dtype=np.float32), 0, 1) * 255).round().astype(np.uint8)
+    return wan.generate_video(pipe, prompt, seed, size, steps=cfg.steps, guidance=cfg.guidance,
+                              negative_prompt=cfg.negative_prompt,
+                              image=image if kind != "t2v" else None)
 
 
 def sample_item(store: Store, out_dir: str, payload: dict) -> dict:
