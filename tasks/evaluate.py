@@ -24,7 +24,6 @@ import threading
 import time
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 from infra.config import GenerateConfig, NormalizeConfig, ProxyConfig, VBenchConfig
