@@ -28,17 +28,22 @@ def release_critic() -> None:
     release()
 
 
-def critic_identity(cfg: CritiqueConfig) -> dict:
-    """The critic's weights (not just its name); the SRPO adapter joins it once refined."""
+NO_ADAPTER = "none"  # critic_adapter: the VLM as is, whatever the run refined before
+
+
+def critic_identity(cfg: CritiqueConfig, store, adapter: str | None) -> dict:
+    """The critic's weights (not just its name) and its refined adapter's sha256 (None: none)."""
+    from flows.refine import adapter_sha256
     from models.critic import weight_identity
 
-    return {"weights": weight_identity(cfg.critic.model), "adapter_sha256": None}
+    return {"weights": weight_identity(cfg.critic.model),
+            "adapter_sha256": adapter_sha256(store, adapter)}
 
 
 @flow(name="critique", flow_run_name=flow_run_name("critique"), log_prints=True)
 def critique(run: str = "toy", config: CritiqueConfig | None = None,
              store: str = "file://./artifacts", overrides: list[str] | None = None,
-             round: int = 1) -> dict:
+             round: int = 1, critic_adapter: str | None = None) -> dict:
     """Judge a Dual-IPO round's videos with the critic.
 
     Args:
@@ -47,16 +52,27 @@ def critique(run: str = "toy", config: CritiqueConfig | None = None,
         store: artifact store URL (file://... or s3://bucket/prefix).
         overrides: `--set`-style changes, e.g. ["critique.critic.chains=7"].
         round: the round (1..R); its entry in the run index is `critique.r<round>`.
+        critic_adapter: store key of the critic's refined adapter (the refine stage's
+            `critic_adapter` dir); empty = the run's latest refinement before this round (none:
+            the VLM as is); "none" = the VLM as is.
     """
+    from flows.refine import recorded_adapter
+
     s = StageRun(STAGE, run, config, store, overrides, round=round)
     cfg: CritiqueConfig = s.cfg
+    if critic_adapter is None:
+        critic_adapter = recorded_adapter(s.store, run, round)
+    elif critic_adapter == NO_ADAPTER:
+        critic_adapter = None
+    else:
+        critic_adapter = s.store.key_of(critic_adapter)
     groups: dict[str, list[dict]] = {}
     for r in sorted(s.rows("sample"), key=lambda r: (r["gt_id"], r["index"])):
         groups.setdefault(r["gt_id"], []).append(r)
-    critic = critic_identity(cfg)
+    critic = critic_identity(cfg, s.store, critic_adapter)
     settings = cfg.model_dump(exclude={"workers": True, "human_labels": True,
                                        "critic": {"device"}}) | {"critic_identity": critic}
-    human = human_work(s, cfg, settings, round)
+    human = human_work(s, cfg, settings, round, critic_adapter)
     if entry := s.reuse(settings, [ikey for ikey, _, _ in human]):
         return entry
     work = []
@@ -66,7 +82,8 @@ def critique(run: str = "toy", config: CritiqueConfig | None = None,
                            settings, f"{gt_id}.r{round}",
                            {"id": f"{gt_id}.r{round}", "source": rows[0]["gt_video"],
                             "gt_id": gt_id, "prompt": rows[0]["prompt"], "round": round,
-                            "videos": videos, "critique": cfg.model_dump()}))
+                            "videos": videos, "critique": cfg.model_dump(),
+                            "critic_adapter": critic_adapter}))
     try:
         rows = s.map(work, cfg.workers)
         rows += s.map(human, cfg.workers, fn="tasks.critique:human_item")
@@ -79,7 +96,8 @@ def critique(run: str = "toy", config: CritiqueConfig | None = None,
     return s.commit(rows)
 
 
-def human_work(s: StageRun, cfg: CritiqueConfig, settings: dict, round: int) -> list:
+def human_work(s: StageRun, cfg: CritiqueConfig, settings: dict, round: int,
+               critic_adapter: str | None) -> list:
     """One item per held-out human-labelled pair (critique.human_labels), keyed on the pair's
     label and its videos' bytes: with an unchanged critic, later rounds reuse them."""
     if not cfg.human_labels:
@@ -100,5 +118,5 @@ def human_work(s: StageRun, cfg: CritiqueConfig, settings: dict, round: int) -> 
         work.append(s.work(identity, settings, f"human.{pair.id}",
                            {"id": f"human.{pair.id}", "source": pair.video_a,
                             "pair": asdict(pair), "sha_a": sha_a, "sha_b": sha_b,
-                            "critique": cfg.model_dump()}))
+                            "critique": cfg.model_dump(), "critic_adapter": critic_adapter}))
     return work

@@ -6,7 +6,9 @@ output and its item function. One place says what depends on what (docs/architec
 
 Dual-IPO (flows/ipo.py) runs R rounds of ROUND after the curation stages:
 
-    normalize -> [sample -> critique -> pairs (scored) -> precompute -> train -> evaluate] x R
+    normalize -> [refine (round 0: the critic's seed fine-tune)]
+              -> [sample -> critique -> refine -> pairs (scored) -> precompute -> train
+                  -> evaluate] x R
 
 A round's stages record their run-index entries under `<stage>.r<k>` (round_entry) and read
 their inputs from the same round (normalize, outside the rounds, from its plain entry).
@@ -85,11 +87,15 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
           item="tasks.sample:sample_item"),
     Stage("critique", reads=("sample",), code=("tasks.critique:critique_prompt",),
           item="tasks.critique:critique_item"),
+    # The critic's refinement (SRPO) on its round's chains, or round 0's fine-tune on the
+    # human seed pairs; its adapter judges the next round (critique keys hold its sha256).
+    Stage("refine", reads=("critique",), code=("tasks.critic_refine:refine_critic",)),
 )}
 # The Reg-DPO pipeline (flows/pipeline.py), and one Dual-IPO round (flows/ipo.py).
 ORDER: tuple[str, ...] = ("acquire", "filter", "normalize", "negatives", "pairs", "precompute",
                           "train", "evaluate")
-ROUND: tuple[str, ...] = ("sample", "critique", "pairs", "precompute", "train", "evaluate")
+ROUND: tuple[str, ...] = ("sample", "critique", "refine", "pairs", "precompute", "train",
+                          "evaluate")
 assert set(STAGES) == set(STAGE_CONFIGS), "flows/dag.py and infra/config/run.py list different stages"
 CURATE: tuple[str, ...] = ("acquire", "filter", "normalize")
 # Sections a run may leave out (None): the run then stops before that stage.

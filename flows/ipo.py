@@ -1,7 +1,13 @@
-"""Dual-IPO (arXiv 2502.02088): curate once, then R rounds, each one Prefect subflow:
+"""Dual-IPO (arXiv 2502.02088): curate once, fine-tune the critic on the human seed pairs
+(round 0, when ipo.srpo.seed_data is set), then R rounds, each one Prefect subflow:
 
-    acquire -> filter -> normalize -> [sample -> critique -> pairs (scored) -> precompute
-                                       -> train -> evaluate] x R
+    acquire -> filter -> normalize -> refine (r0) -> [sample -> critique -> refine -> pairs
+                                                      (scored) -> precompute -> train -> evaluate] x R
+
+The critic co-evolves with the policy (SRPO): round r's critique judges with the adapter the
+latest refinement left, and round r's refine (every ipo.srpo.every rounds, not the last: no
+later critique would use it) refines it on round r's own chains for round r+1. Without seed
+data the critic judges as it is and is never refined (its implicit reward would be 0).
 
 Round r samples from the base + round r-1's adapter (the base in round 1), trains from that
 adapter (train.init_adapter; train.reference says against what), and evaluates the base and
@@ -27,11 +33,12 @@ from collections import Counter
 from prefect import flow, get_run_logger
 from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
 
-from flows.critique import critique
+from flows.critique import NO_ADAPTER, critique
 from flows.dag import CURATE
 from flows.evaluate import evaluate
 from flows.pairs import pairs
 from flows.precompute import precompute
+from flows.refine import refine
 from flows.sample import sample
 from flows.train import train
 from infra.config import ConfigError, RunConfig
@@ -39,6 +46,13 @@ from infra.stage import stage_dir
 from infra.store import Store
 
 ROUND_STAGES = ("sample", "critique", "precompute", "train", "evaluate")
+
+
+def refine_due(config: RunConfig, round: int) -> bool:
+    """Whether round `round` refines the critic (every ipo.srpo.every rounds; never the last)."""
+    srpo = config.ipo.srpo
+    return bool(srpo.seed_data) and srpo.every > 0 and round % srpo.every == 0 \
+        and round < config.ipo.rounds
 
 
 def round_pairs_config(config: RunConfig):
@@ -65,14 +79,21 @@ def _stage(fn, **kwargs) -> dict:
 
 
 @flow(name="ipo-round", flow_run_name="ipo-round/{run}/r{round}", log_prints=True)
-def ipo_round(run: str, config: RunConfig, round: int, adapter: str | None = None) -> dict:
-    """One Dual-IPO round; returns the stages' entries, whether it trained, and the policy
-    adapter after it (the store key of its adapter, or the previous one when it did not train)."""
+def ipo_round(run: str, config: RunConfig, round: int, adapter: str | None = None,
+              critic_adapter: str | None = None) -> dict:
+    """One Dual-IPO round; returns the stages' entries, whether it trained, the policy adapter
+    after it (the store key of its adapter, or the previous one when it did not train) and the
+    critic's adapter after it (refined, or the one it judged with)."""
     log, store = get_run_logger(), config.store
     ipo, out = config.ipo, {}
     out["sample"] = _stage(sample, run=run, config=ipo.sample, store=store, round=round,
                            policy=config.train, adapter=adapter)
-    out["critique"] = _stage(critique, run=run, config=ipo.critique, store=store, round=round)
+    out["critique"] = _stage(critique, run=run, config=ipo.critique, store=store, round=round,
+                             critic_adapter=critic_adapter or NO_ADAPTER)
+    if refine_due(config, round):
+        out["refine"] = _stage(refine, run=run, config=ipo.srpo, store=store, round=round,
+                               critic=ipo.critique.critic, adapter=critic_adapter)
+        critic_adapter = out["refine"]["adapter"]
     out["pairs"] = _stage(pairs, run=run, config=round_pairs_config(config), store=store,
                           round=round)
     out["precompute"] = _stage(precompute, run=run, config=config.precompute, store=store,
@@ -91,7 +112,8 @@ def ipo_round(run: str, config: RunConfig, round: int, adapter: str | None = Non
     for name, entry in out.items():
         log.info("round %d %s: %s", round, name, entry["counts"])
     return {"round": round, "stages": out, "trained": why is None, "why_not_trained": why,
-            "adapter": Store(store).key_of(adapter) if adapter else None}
+            "adapter": Store(store).key_of(adapter) if adapter else None,
+            "critic_adapter": critic_adapter}
 
 
 @flow(name="ipo", flow_run_name="ipo/{run}", log_prints=True)
@@ -109,8 +131,15 @@ def ipo(run: str = "toy", config: RunConfig = RunConfig(), curate: bool = True) 
     results: dict = {}
     if curate:
         results |= _run_stages(CURATE, run, config, None)
-    adapter = None
+    adapter = critic_adapter = None
+    if config.ipo.srpo.seed_data:
+        results["r0"] = {"round": 0, "stages": {"refine": _stage(
+            refine, run=run, config=config.ipo.srpo, store=config.store, round=0,
+            critic=config.ipo.critique.critic)}}
+        critic_adapter = results["r0"]["stages"]["refine"]["adapter"]
     for r in range(1, config.ipo.rounds + 1):
-        results[f"r{r}"] = ipo_round(run=run, config=config, round=r, adapter=adapter)
+        results[f"r{r}"] = ipo_round(run=run, config=config, round=r, adapter=adapter,
+                                     critic_adapter=critic_adapter)
         adapter = results[f"r{r}"]["adapter"]
+        critic_adapter = results[f"r{r}"]["critic_adapter"]
     return results

@@ -19,6 +19,7 @@ Nothing here downloads or loads weights.
 from __future__ import annotations
 
 import io
+import os
 from urllib.parse import urlsplit
 
 import pandas as pd
@@ -146,6 +147,20 @@ def _models(config: RunConfig, stages: list[str]) -> list[str]:
 
         if why := critic.check_available(ipo.critique.critic.model):
             problems.append(f"ipo.critique.critic.model: {why}")
+        from infra.critic_seed import SeedDataError, read_seed_pairs
+
+        for key, path in (("ipo.srpo.seed_data", ipo.srpo.seed_data),
+                          ("ipo.critique.human_labels", ipo.critique.human_labels)):
+            try:
+                missing = [v for p in (read_seed_pairs(path) if path else [])
+                           for v in (p.video_a, p.video_b) if "://" not in v and
+                           not os.path.isfile(v)]
+            except (OSError, SeedDataError) as e:
+                problems.append(f"{key}: {e}")
+                continue
+            if missing:
+                problems.append(f"{key} {path!r}: {len(missing)} video(s) missing, e.g. "
+                                f"{missing[0]!r}; put them where the file names them")
     caption = config.normalize.caption.model
     if "normalize" in stages and caption and (why := captioner.check_available(caption)):
         problems.append(f"normalize.caption.model: {why}")

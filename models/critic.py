@@ -127,8 +127,10 @@ class Critic:
         return self.processor.tokenizer
 
 
-def load_critic(cfg: CriticConfig, adapter: str | Path | None = None) -> Critic:
-    """The critic `cfg.model` names, optionally with a saved SRPO adapter (`save_adapter`)."""
+def load_critic(cfg: CriticConfig, adapter: str | Path | None = None,
+                trainable: bool = False) -> Critic:
+    """The critic `cfg.model` names, optionally with a saved SRPO adapter (`save_adapter`):
+    frozen (a judge), or with its LoRA weights trainable (the refine stage goes on from it)."""
     path = resolve(cfg.model)
     try:
         processor = FrameProcessor.from_pretrained(str(path))
@@ -142,7 +144,7 @@ def load_critic(cfg: CriticConfig, adapter: str | Path | None = None) -> Critic:
                          f"{model.config.model_type!r} model; the critic needs a Qwen2-VL-class "
                          f"VLM ({', '.join(CRITIC_MODEL_TYPES)})")
     if adapter is not None:
-        model = PeftModel.from_pretrained(model, str(adapter))  # frozen: a judge, not a trainee
+        model = PeftModel.from_pretrained(model, str(adapter), is_trainable=trainable)
     return Critic(processor, model.to(cfg.device).eval(), cfg)
 
 
@@ -411,6 +413,18 @@ def reference_mode(model: PeftModel) -> Iterator[PeftModel]:
     exit even if the body raises. Use under torch.no_grad()."""
     with model.disable_adapter():
         yield model
+
+
+ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json")  # what save_adapter writes
+
+
+def fetch_adapter(store: Any, key: str, directory: str | Path) -> Path:
+    """Copy a saved adapter (ADAPTER_FILES under store key `key`; `store` is an infra.store
+    Store) into local `directory`, which load_critic(cfg, adapter=directory) then reads."""
+    directory = Path(directory)
+    for name in ADAPTER_FILES:
+        (directory / name).write_bytes(store.read_bytes(f"{key}/{name}"))
+    return directory
 
 
 def save_adapter(model: PeftModel, directory: str | Path) -> Path:

@@ -12,12 +12,14 @@ chains, and a new video never moves another judgment's seed.
 from __future__ import annotations
 
 import json
+import tempfile
 from itertools import combinations
 from typing import Any
 
 from infra.config import CritiqueConfig
 from infra.store import Store, digest
-from models.critic import judge_pair, judge_video, load_critic, video_frames
+from models.critic import (Critic, fetch_adapter, judge_pair, judge_video, load_critic,
+                           video_frames)
 from models.runtime import FROZEN
 
 
@@ -51,8 +53,7 @@ def critique_item(store: Store, out_dir: str, payload: dict) -> dict:
     for v in videos:
         with store.local_copy(store.key_of(v["video"])) as local:
             frames[v["id"]] = video_frames(local, critic_cfg.frames, critic_cfg.frame_short_edge)
-    key = ("critic", critic_cfg.model, critic_cfg.dtype, critic_cfg.device)
-    with FROZEN.use(key, lambda: load_critic(critic_cfg)) as critic:
+    with use_critic(store, cfg, payload.get("critic_adapter")) as critic:
         judgments = critique_prompt(critic, cfg, payload["prompt"], videos, frames)
     decided = sum(j["verdict"] is not None for j in judgments)
     chains = [c for j in judgments for c in j["chains"]]
@@ -61,7 +62,7 @@ def critique_item(store: Store, out_dir: str, payload: dict) -> dict:
             "videos": json.dumps(videos), "judgments": json.dumps(judgments),
             "n_judgments": len(judgments), "n_decided": decided, "n_chains": len(chains),
             "n_abstain": sum(c["verdict"] is None for c in chains),
-            "status": "ok", "reason": ""}
+            "critic_adapter": payload.get("critic_adapter"), "status": "ok", "reason": ""}
 
 
 def human_item(store: Store, out_dir: str, payload: dict) -> dict:
@@ -72,8 +73,7 @@ def human_item(store: Store, out_dir: str, payload: dict) -> dict:
     critic_cfg, pair = cfg.critic, payload["pair"]
     frames = [video_frames(pair[k], critic_cfg.frames, critic_cfg.frame_short_edge)
               for k in ("video_a", "video_b")]
-    key = ("critic", critic_cfg.model, critic_cfg.dtype, critic_cfg.device)
-    with FROZEN.use(key, lambda: load_critic(critic_cfg)) as critic:
+    with use_critic(store, cfg, payload.get("critic_adapter")) as critic:
         judgment = judge_pair(critic, pair["prompt"], frames[0], frames[1],
                               judgment_seed(cfg.seed, payload["sha_a"], payload["sha_b"]))
     return {"id": f"human.{pair['id']}", "source": pair["video_a"], "kind": "human",
@@ -81,6 +81,21 @@ def human_item(store: Store, out_dir: str, payload: dict) -> dict:
             "verdict": judgment["verdict"], "vote_share": judgment["vote_share"],
             "agrees": judgment["verdict"] == pair["preferred"],
             "judgments": json.dumps([judgment]), "status": "ok", "reason": ""}
+
+
+def load_judge(store: Store, cfg: CritiqueConfig, adapter: str | None) -> Critic:
+    """The critic with the refine stage's adapter at store key `adapter` (None: the VLM as is)."""
+    if adapter is None:
+        return load_critic(cfg.critic)
+    with tempfile.TemporaryDirectory(prefix="regdpo-critic-") as tmp:
+        return load_critic(cfg.critic, adapter=fetch_adapter(store, adapter, tmp))  # read now
+
+
+def use_critic(store: Store, cfg: CritiqueConfig, adapter: str | None):
+    """The process's one loaded critic for (model, dtype, device, adapter), loaded once."""
+    c = cfg.critic
+    key = ("critic", c.model, c.dtype, c.device, adapter)
+    return FROZEN.use(key, lambda: load_judge(store, cfg, adapter))
 
 
 def release_critic() -> None:

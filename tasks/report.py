@@ -224,7 +224,8 @@ def publish_chart(store: Store, report: dict, key: str) -> str:
 # ---------------------------------------------------------------------------------------
 
 # The DAG's order, Dual-IPO's own stages where a round runs them (before its pairs).
-STAGE_ORDER = ("acquire", "filter", "normalize", "negatives", "sample", "critique", "pairs",
+STAGE_ORDER = ("acquire", "filter", "normalize", "negatives", "sample", "critique", "refine",
+               "pairs",
                "precompute", "train", "evaluate")
 assert set(STAGE_ORDER) == set(STAGE_CONFIGS), "tasks/report.py misses a stage of the DAG"
 
@@ -295,10 +296,13 @@ def entry_order(name: str) -> tuple:
 
 def rounds_section(store: Store, stages: dict, rounds: list[int]) -> str:
     """Dual-IPO: per round, the videos sampled, the critic's decided judgments and abstains,
-    the training rows kept by kind, and whether the round trained (and from which adapter)."""
+    the training rows kept by kind, whether the round trained (and from which adapter), the
+    critic's agreement with the held-out human labels, and its refinement (round 0: the
+    fine-tune on the seed pairs)."""
     lines = ["## Dual-IPO rounds", "",
              "| round | videos | judgments decided | chains abstaining | pairs | pointwise | real "
-             "| trained | critic vs human labels |", "|---|---|---|---|---|---|---|---|---|"]
+             "| trained | critic vs human labels | critic refined |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rounds:
         def rows(stage: str) -> list[dict]:
             entry = stages.get(f"{stage}.r{r}")
@@ -321,11 +325,28 @@ def rounds_section(store: Store, stages: dict, rounds: list[int]) -> str:
         judged = sum(c.get("n_judgments") or 0 for c in crit)
         abstain = sum(c.get("n_abstain") or 0 for c in crit)
         chains = sum(c.get("n_chains") or 0 for c in crit)
+        refined = refine_note(rows("refine"))
+        if r == 0:  # the critic's fine-tune on the seed pairs, before round 1
+            lines.append(f"| 0 (seed) | | | | | | | | | {refined} |")
+            continue
         lines.append(f"| {r} | {stages.get(f'sample.r{r}', {}).get('counts', {}).get('ok', 0)} "
                      f"| {decided}/{judged} | {abstain}/{chains} | {kept.get('pair', 0)} "
                      f"| {kept.get('pointwise', 0)} | {kept.get('real', 0)} | {trained} "
-                     f"| {accuracy} |")
+                     f"| {accuracy} | {refined} |")
     return "\n".join(lines) + "\n"
+
+
+def refine_note(rows: list[dict]) -> str:
+    """What a round's refine stage did to the critic, from its manifest rows."""
+    adapter = next((r for r in rows if r.get("id") == "adapter"), None)
+    if adapter is None:
+        return "-"
+    examples = [r for r in rows if r.get("id") != "adapter"]
+    if not adapter.get("trained"):
+        return f"no ({adapter.get('why')})"
+    if any(r.get("kind") == "seed" for r in examples):
+        return f"fine-tuned on {len(examples)} seed answers"
+    return f"yes: {sum(bool(r.get('kept')) for r in examples)}/{len(examples)} pseudo-labels kept"
 
 
 # The last step's metrics the Training section shows, in this order (a loss logs a subset).

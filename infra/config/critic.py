@@ -42,8 +42,37 @@ class CriticConfig(Section):
 
 
 class SrpoConfig(Section):
-    """The critic's self-refinement: LoRA DPO on its own chains weighted by PCE."""
+    """The `ipo.srpo` section: the critic's self-refinement (the `refine` stage, flows/refine.py).
 
+    Round 0 (before round 1's critique, when `seed_data` is set): the critic gets a LoRA adapter
+    fine-tuned on the human-labelled pairs with their rationales (SFT: the answer it should write,
+    reasoning then verdict, in both orders and pointwise). Round r (every `every` rounds, and not
+    the last: nothing after it would use the critic): pseudo-labels from round r's own
+    critique, the majority chain preferred over a dissenting one; PCE = σ(β(R_w − Q)) with
+    R = log π_critic/π_base and Q the mean over the round's pseudo-labels; the ones with
+    PCE > pce_threshold train the adapter with PCE-weighted DPO. The refined critic judges the
+    next round. A critic without an adapter has R = 0 for every chain (PCE = 0.5, nothing kept),
+    so refinement needs `seed_data` (or an adapter from an earlier refinement)."""
+
+    every: int = Field(1, ge=0, description="refine the critic after every k-th round's "
+                       "critique (0 = never: the critic of round 0, or the VLM as is, judges "
+                       "every round)")
+    seed_data: str | None = Field(None, description="the human-labelled seed pairs with "
+                                  "rationales (regdpo.critic-seed.v1 CSV/Parquet, local videos; "
+                                  "infra/critic_seed.py): round 0 fine-tunes the critic's "
+                                  "adapter on them. None = no round 0")
+    seed_steps: int = Field(200, ge=1, description="optimizer steps of round 0's fine-tune, each "
+                            "on `batch` examples (a seed pair gives 4: both orders, each video "
+                            "pointwise)")
+    seed_lr: float = Field(1e-4, gt=0, description="AdamW learning rate of round 0's fine-tune")
+    steps: int = Field(50, ge=1, description="optimizer steps of one round's SRPO, each on "
+                       "`batch` of the kept pseudo-labels (cycled in a seeded order)")
+    batch: int = Field(8, ge=1, description="examples per optimizer step (accumulated one at "
+                       "a time: memory is one example's)")
+    max_pairs: int = Field(512, ge=1, description="pseudo-labels a round's SRPO scores at most "
+                           "(a seeded sample of them when the round has more)")
+    seed: int = Field(0, ge=0, description="the order of examples and the sample of "
+                      "pseudo-labels derive from it")
     beta: float = Field(0.1, gt=0, description="DPO β of the critic's loss (language-model DPO's "
                         "usual 0.1); PCE = σ(β·(R − Q)) uses the same β")
     pce_threshold: float = Field(0.5, ge=0, lt=1, description="keep a pseudo-label only if its "

@@ -15,6 +15,7 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 from infra.config.base import ConfigError, Section, yaml_load
 from infra.config.curate import AcquireConfig, FilterConfig, ManifestSource, NormalizeConfig
 from infra.config.evaluate import EvaluateConfig
+from infra.config.critic import SrpoConfig
 from infra.config.ipo import CritiqueConfig, IpoConfig, SampleConfig
 from infra.config.pairs import NegativesConfig, PairsConfig, PrecomputeConfig
 from infra.config.runner import RunnerConfig, store_problem
@@ -109,10 +110,12 @@ STAGE_CONFIGS: dict[str, type[Section]] = {
     # Dual-IPO's own stages (sections under `ipo`, SECTION_PATHS)
     "sample": SampleConfig,
     "critique": CritiqueConfig,
+    "refine": SrpoConfig,
 }
 # Stages whose section is not the RunConfig field of their name.
 SECTION_PATHS: dict[str, tuple[str, ...]] = {"sample": ("ipo", "sample"),
-                                             "critique": ("ipo", "critique")}
+                                             "critique": ("ipo", "critique"),
+                                             "refine": ("ipo", "srpo")}
 
 
 def _format_errors(err: ValidationError, source: str) -> str:
@@ -249,6 +252,8 @@ def _resolve_paths(cfg: RunConfig, base: Path) -> RunConfig:
         cfg.ipo.critique.critic.model = _resolve(base, cfg.ipo.critique.critic.model)
     if cfg.ipo is not None and cfg.ipo.critique.human_labels:
         cfg.ipo.critique.human_labels = _resolve(base, cfg.ipo.critique.human_labels)
+    if cfg.ipo is not None and cfg.ipo.srpo.seed_data:
+        cfg.ipo.srpo.seed_data = _resolve(base, cfg.ipo.srpo.seed_data)
     if cfg.pairs.annotated is not None:
         cfg.pairs.annotated.scores = _resolve(base, cfg.pairs.annotated.scores)
         cfg.pairs.annotated.video_root = _resolve(base, cfg.pairs.annotated.video_root)
