@@ -381,5 +381,6 @@ def test_shipped_ipo_configs_load_and_the_real_one_names_its_weights():
     assert toy.ipo.critique.critic.model.endswith("toy/models/tiny-critic")
     real = load_config(repo / "configs" / "ipo-wan21-t2v-1.3b.yaml")
     assert real.train.model == "Wan-AI/Wan2.1-T2V-1.3B-Diffusers"
-    with pytest.raises(PreflightError, match="Qwen/Qwen2.5-VL-7B-Instruct"):
+    with pytest.raises(PreflightError, match="Qwen/Qwen2.5-VL-7B-Instruct") as err:
         preflight(real, ["critique"])  # the critic is looked up in the HF cache only
+    assert "ipo.srpo.seed_data" in str(err.value) and "critic-seed/seed.csv" in str(err.value)

@@ -235,7 +235,8 @@ def test_ui_path_curate_then_rerun_one_stage(prefect_server: Prefect, toy_dir: P
     pf.cli("work-pool", "create", "gpu", "--type", "process")
     pf.cli("deploy", "--all")
     deployments = {d["name"]: d for d in pf.http("POST", "/deployments/filter", {})}
-    gpu_stages = {"negatives", "precompute", "train", "evaluate", "sample", "critique", "ipo"}
+    gpu_stages = {"negatives", "precompute", "train", "evaluate", "sample", "critique", "refine",
+                  "ipo"}
     assert set(deployments) == {"acquire", "filter", "normalize", "pairs", "curate", "pipeline"} | gpu_stages
     assert {n: d["work_pool_name"] for n, d in deployments.items()} == {
         n: "gpu" if n in gpu_stages else "cpu" for n in deployments}
