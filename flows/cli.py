@@ -130,9 +130,16 @@ def _run_ipo(cfg, stages: list[str] | None, nproc: int, nnodes: int) -> None:
         typer.echo(f"stopped: {e}; committed work stands, rerun to continue", err=True)
         raise typer.Exit(shutdown.exit_code())
     for name, entry in results.items():
-        if name.startswith("r") and name[1:].isdigit():
+        if name == "r0":
+            typer.echo(f"round 0: the critic fine-tuned on the seed pairs; critic adapter "
+                       f"{entry['stages']['refine']['adapter']}")
+            for stage, e in entry["stages"].items():
+                typer.echo(f"  {stage:10s} {e['counts']}  {e['manifest']}")
+        elif name.startswith("r") and name[1:].isdigit():
             trained = "trained" if entry["trained"] else f"not trained ({entry['why_not_trained']})"
-            typer.echo(f"round {entry['round']}: {trained}; adapter {entry['adapter']}")
+            typer.echo(f"round {entry['round']}: {trained}; adapter {entry['adapter']}"
+                       + (f"; critic adapter {entry['critic_adapter']}"
+                          if entry.get("critic_adapter") else ""))
             for stage, e in entry["stages"].items():
                 typer.echo(f"  {stage:10s} {e['counts']}  {e['manifest']}")
         else:
