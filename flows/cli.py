@@ -148,11 +148,12 @@ def _run_ipo(cfg, stages: list[str] | None, nproc: int, nnodes: int) -> None:
 
 @app.command("toy-data")
 def toy_data(
-    out: str = typer.Argument(..., help="folder to write clips/, captions.csv, edge/ and models/ into"),
+    out: str = typer.Argument(..., help="folder to write clips/, captions.csv, edge/, critic-seed/ and models/ into"),
     edge_cases: bool = typer.Option(True, help="also write hostile/odd inputs into edge/"),
 ) -> None:
-    """Generate toy clips (clean + one of each rejection kind) with ffmpeg's lavfi sources, and
-    the tiny random-weight models the toy config loads (captioner, Wan2.1 I2V)."""
+    """Generate toy clips (clean + one of each rejection kind) and the critic's seed pairs with
+    ffmpeg's lavfi sources, and the tiny models the toy configs load (captioner, Wan2.1 I2V and
+    T2V, a Qwen2-VL critic taught the answer format)."""
     from tasks.toy_data import make_toy_data, make_toy_models
 
     path = make_toy_data(out, edge_cases=edge_cases)

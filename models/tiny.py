@@ -7,6 +7,7 @@ would read Wan-AI's or Salesforce's weights. Seeded, without touching the caller
 
 from __future__ import annotations
 
+import random
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,7 @@ from transformers import (
     UMT5EncoderModel,
 )
 
+from infra.config.critic import CRITIC_DIMENSIONS, CriticConfig
 from infra.config.wan import Kind
 from models.wan import SHIFT_480P, WanSpec
 
@@ -212,7 +214,8 @@ def _tiny_critic_tokenizer() -> Any:
         additional_special_tokens=QWEN2VL_SPECIALS[1:], chat_template=QWEN2VL_CHAT_TEMPLATE)
 
 
-def build_tiny_critic(path: str | Path, seed: int = 0, arch: str = "qwen2_vl") -> str:
+def build_tiny_critic(path: str | Path, seed: int = 0, arch: str = "qwen2_vl",
+                      answers: bool = False) -> str:
     """Write a tiny random-weight critic of the Qwen2-VL class to `path` in a hub repo's layout
     (config, weights, tokenizer, preprocessor_config.json, chat template); returns the path.
 
@@ -222,6 +225,16 @@ def build_tiny_critic(path: str | Path, seed: int = 0, arch: str = "qwen2_vl") -
     Qwen2VLImageProcessorPil (no torchvision). Seeded (same files every time) without touching
     the caller's RNG. Its text is random: every verdict it writes is an abstain, which is what
     the critic code must make of noise.
+
+    answers=True stands in for an instruction-tuned VLM: after the random build, a brief
+    full-weight SFT (`_teach_answer_format`, seeded, deterministic on one machine) teaches it
+    the answer format of models.critic's prompts, so its chains are well-formed (one line per
+    CRITIC_DIMENSIONS dimension from a few stock phrasings, then `Verdict: A|B` or
+    `Verdict: good|bad`) and parse_verdict counts them as votes. It is NOT a judge: it was
+    trained on both verdicts of every prompt equally, on random frames, so its verdict is a
+    coin flip that varies between sampled chains and carries no information about the videos,
+    and its reasoning lines say nothing about them either. It exists so that toy runs take the
+    paths real verdicts take (votes, majorities, scored pairs, training rounds).
     """
     from transformers import (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration,
                               Qwen2VLConfig, Qwen2VLForConditionalGeneration,
@@ -251,14 +264,102 @@ def build_tiny_critic(path: str | Path, seed: int = 0, arch: str = "qwen2_vl") -
         image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
         vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
     )
+    image_processor = Qwen2VLImageProcessorPil(size={"shortest_edge": TINY_CRITIC_PIXELS,
+                                                     "longest_edge": TINY_CRITIC_PIXELS})
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = model_cls(config)
+    if answers:
+        _teach_answer_format(model, tokenizer, image_processor, seed)
     path = str(path)
     model.save_pretrained(path)
     # The hub repos' layout: the image processor's preprocessor_config.json beside the
     # tokenizer files and the chat template (no processor_config.json to lean on).
-    Qwen2VLImageProcessorPil(size={"shortest_edge": TINY_CRITIC_PIXELS,
-                                   "longest_edge": TINY_CRITIC_PIXELS}).save_pretrained(path)
+    image_processor.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+# The answer-format SFT of build_tiny_critic(answers=True). Full weights: a LoRA cannot lift
+# the random lm_head's tiny logits far enough to make the format the likely text.
+ANSWER_SFT_STEPS = 100  # 60-80 left a third or more of the chains malformed
+ANSWER_SFT_LR = 1e-2
+ANSWER_SFT_PROMPTS = 8  # pairwise and as many pointwise prompts per step, both verdicts each
+# Two stock phrasings per dimension, so sampled chains differ in more than their verdict;
+# they describe nothing. Words the tiny tokenizer knows (short chains), and no phrasing shared
+# between dimensions: the line just written tells the 2-layer model which line comes next
+# (with one "fine." for all, it skipped and repeated lines).
+ANSWER_PHRASINGS = {
+    "prompt alignment": ("follows the prompt.", "it follows the prompt."),
+    "subject consistency": ("stays the same.", "the subject stays the same."),
+    "motion smoothness": ("smooth.", "the motion is smooth."),
+    "aesthetic quality": ("colors look good.", "the lighting is good."),
+}
+_SFT_CAPTIONS = ("a cat walks on the street", "a dog runs on the beach", "a red car on a road",
+                 "colour bars glide over a soft background", "a man walks in the city",
+                 "a bright pattern swings", "a woman sitting by the water", "a blue sky")
+
+
+def answer_text(verdict: str, rng: random.Random) -> str:
+    """One well-formed chain of the answer format (models.critic.parse_verdict) with `verdict`,
+    its reasoning lines drawn from ANSWER_PHRASINGS."""
+    lines = [f"{d[0].upper()}{d[1:]}: {rng.choice(ANSWER_PHRASINGS[d])}" for d in CRITIC_DIMENSIONS]
+    return "\n".join([*lines, f"Verdict: {verdict}"])
+
+
+def _sft_frames(count: int, gen: torch.Generator) -> list[Any]:
+    """`count` random frames of the kinds videos show a random vision tower: flat colour,
+    smooth blobs (a few random pixels upsampled) and noise."""
+    from PIL import Image
+
+    frames = []
+    for _ in range(count):
+        cells = (1, 4, 28)[int(torch.randint(3, (1,), generator=gen))]
+        pixels = torch.randint(0, 256, (cells, cells, 3), generator=gen, dtype=torch.uint8)
+        frames.append(Image.fromarray(pixels.numpy()).resize((28, 28), Image.BILINEAR))
+    return frames
+
+
+def _teach_answer_format(model: Any, tokenizer: Any, image_processor: Any, seed: int) -> float:
+    """Full-weight SFT of a random critic on the answer format (both verdicts of every prompt,
+    loss per token over models.critic's prompts and response log-probs); returns the last
+    step's loss. Seeded inside a forked RNG, on one thread: the same weights every time on a
+    machine, whatever its core count and the caller's RNG."""
+    from models.critic import (Critic, FrameProcessor, judgment_inputs, pair_messages,
+                               point_messages, response_ids, response_logprobs)
+
+    critic = Critic(FrameProcessor(image_processor, tokenizer, chat_template=QWEN2VL_CHAT_TEMPLATE),
+                    model, CriticConfig())
+    rng, gen = random.Random(seed), torch.Generator().manual_seed(seed)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=ANSWER_SFT_LR)
+    threads = torch.get_num_threads()
+    loss = torch.zeros(())
+    try:
+        torch.set_num_threads(1)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model.train()
+            for _ in range(ANSWER_SFT_STEPS):
+                batch = []
+                for _ in range(ANSWER_SFT_PROMPTS):
+                    prompt, n = rng.choice(_SFT_CAPTIONS), rng.randint(1, 3)
+                    batch.append((pair_messages(prompt, _sft_frames(n, gen), _sft_frames(n, gen),
+                                                CRITIC_DIMENSIONS), ("A", "B")))
+                    batch.append((point_messages(prompt, _sft_frames(n, gen), CRITIC_DIMENSIONS),
+                                  ("good", "bad")))
+                answers = [[response_ids(critic, answer_text(v, rng)) for v in verdicts]
+                           for _, verdicts in batch]
+                tokens = sum(len(a) for group in answers for a in group)
+                optimizer.zero_grad()
+                loss = torch.zeros(())
+                for (messages, _), group in zip(batch, answers):  # one prompt at a time: memory
+                    inputs = judgment_inputs(critic, messages)
+                    part = -response_logprobs(model, inputs, group, tokenizer.pad_token_id).sum()
+                    (part / tokens).backward()
+                    loss += part.detach() / tokens
+                optimizer.step()
+    finally:
+        torch.set_num_threads(threads)
+        model.eval()
+        model.zero_grad(set_to_none=True)
+    return float(loss)

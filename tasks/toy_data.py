@@ -1,5 +1,6 @@
 """Toy clips from ffmpeg's lavfi sources: clean moving scenes, one clip of every rejection
-kind, and hostile inputs. The demo and the tests curate these instead of downloaded data."""
+kind, hostile inputs, and the critic's seed pairs (a clean clip against a degraded copy). The
+demo and the tests curate these instead of downloaded data."""
 
 from __future__ import annotations
 
@@ -23,16 +24,19 @@ class Clip:
     caption: str | None = None
 
 
-def _scene(w: int, h: int, fps: int, seed: int, label: str = "") -> str:
-    """A moving scene: two flat-coloured boxes swinging over drifting colour gradients.
+def _scene(w: int, h: int, fps: int, seed: int, label: str = "",
+           background: str | None = None) -> str:
+    """A moving scene: two flat-coloured boxes swinging over drifting colour gradients
+    (ffmpeg's `gradients` source unless `background` names another source graph).
 
     Flat shapes on smooth gradients have clear motion edges and nothing text-like, so the
     clean clips pass the text detector as real footage without captions would.
     """
     bw, bh, cw, ch = even(w * 0.3), even(h * 0.3), even(w * 0.16), even(h * 0.22)
     hue = (seed * 37) % 360
+    background = background or f"gradients=s={w}x{h}:r={fps}:speed=0.02:seed={seed}:n=5"
     return (
-        f"gradients=s={w}x{h}:r={fps}:speed=0.02:seed={seed}:n=5[bg{label}];"
+        f"{background}[bg{label}];"
         f"color=c=0xE8D040:s={bw}x{bh}:r={fps},hue=h={hue}[a{label}];"
         f"color=c=0x3050C8:s={cw}x{ch}:r={fps},hue=h={hue}[b{label}];"
         f"[bg{label}][a{label}]overlay=x='(W-w)/2+(W-w)/2*sin(t*1.7+{seed})'"
@@ -142,22 +146,161 @@ def make_edge_cases(out: Path) -> dict[str, Path]:
     return p
 
 
+# ---------------------------------------------------------------------------------------
+# The critic's toy seed data (regdpo.critic-seed.v1): a clean clip against a degraded copy
+# ---------------------------------------------------------------------------------------
+
+SEED_SIZE, SEED_FPS, SEED_SECONDS = (160, 90), 16, 1.5  # small and short: the critic is slow
+
+
+@dataclass(frozen=True)
+class Degradation:
+    """What a real ffmpeg filter chain does to a clip, as a human labeller would write it."""
+
+    filters: str  # appended to the clean scene's graph
+    rationale: str  # {clean} / {bad} become "video A" / "video B"
+    notes: dict[str, str]  # infra.critic_seed.NOTES column -> note, same placeholders
+
+
+DEGRADATIONS = {
+    "noise_blur": Degradation(
+        "noise=alls=70:allf=t,boxblur=3:1",
+        "{bad} is buried in heavy flickering noise and blur; {clean} shows the same scene "
+        "sharp and clean, so {clean} is better.",
+        {"subject_consistency": "the boxes in {bad} dissolve into the noise from frame to frame",
+         "aesthetic_quality": "{bad} is grainy and soft; {clean} is crisp"}),
+    "stutter": Degradation(
+        "fps=3,fps=16",
+        "{bad} stutters: it holds each frame and then jumps; {clean} moves smoothly, so {clean} "
+        "is better.",
+        {"motion_smoothness": "{bad} jumps a few times a second; {clean} glides"}),
+    "pixelate": Degradation(
+        "scale=20:12,scale=160:90:flags=neighbor",
+        "{bad} is reduced to a few big blocks; {clean} shows the boxes and gradients in detail, "
+        "so {clean} is better.",
+        {"prompt_alignment": "the boxes are hard to make out in {bad}",
+         "aesthetic_quality": "{bad} is blocky"}),
+    "washed_out": Degradation(
+        "eq=contrast=0.25:brightness=0.3:saturation=0.15",
+        "{bad} is washed out to a grey haze; {clean} has its full colour and contrast, so "
+        "{clean} is better.",
+        {"prompt_alignment": "the colours the prompt asks for are gone in {bad}",
+         "aesthetic_quality": "{bad} is flat and grey"}),
+    "freeze": Degradation(
+        "trim=duration=0.4,tpad=stop_mode=clone:stop_duration=2",
+        "{bad} freezes on one frame after the first moments; in {clean} the boxes keep "
+        "swinging, so {clean} is better.",
+        {"prompt_alignment": "the boxes stop swinging in {bad}",
+         "motion_smoothness": "{bad} stands still; {clean} moves throughout"}),
+    "negate": Degradation(
+        "negate",
+        "{bad} has inverted colours, like a film negative; {clean} shows the scene as "
+        "described, so {clean} is better.",
+        {"prompt_alignment": "the colours of {bad} do not match the prompt",
+         "aesthetic_quality": "{bad} looks harsh and unnatural"}),
+    "shake": Degradation(
+        "crop=136:76:x='12+12*sin(n*2.1)':y='7+7*cos(n*2.9)',scale=160:90",
+        "{bad} shakes from frame to frame as if the camera were unsteady; {clean} is steady, so "
+        "{clean} is better.",
+        {"subject_consistency": "the boxes jump around in {bad}",
+         "motion_smoothness": "{bad} jitters every frame"}),
+    "dark": Degradation(
+        "eq=brightness=-0.4:gamma=0.5,noise=alls=20:allf=t",
+        "{bad} is nearly black and noisy; {clean} is well lit, so {clean} is better.",
+        {"aesthetic_quality": "{bad} is too dark to see the boxes well"}),
+}
+
+# (scene seed, degradation, prompt): seed.csv's 6 pairs and heldout.csv's 4 (other scenes).
+SEED_LABELS = [
+    (3, "noise_blur", "Two coloured boxes swing over drifting colour gradients."),
+    (8, "stutter", "A small box and a large box glide across a soft gradient."),
+    (14, "pixelate", "Bright boxes sway over a shifting colourful background."),
+    (21, "washed_out", "Two vivid boxes move over glowing gradients."),
+    (27, "freeze", "Two boxes keep swinging over a drifting background."),
+    (33, "negate", "Coloured boxes swing over warm drifting gradients."),
+]
+HELDOUT_LABELS = [
+    (41, "shake", "Two boxes swing over a calm gradient background."),
+    (46, "dark", "Bright boxes glide over light colour gradients."),
+    (52, "noise_blur", "A pair of boxes swings over smooth gradients."),
+    (58, "stutter", "Two boxes move smoothly across drifting colours."),
+]
+
+
+def _waves(w: int, h: int, seed: int) -> str:
+    """Drifting colour waves computed per pixel: the same frames on every run (ffmpeg's
+    `gradients` source draws its colours at random whatever its seed)."""
+    wave = "128+90*sin({}/{}+T*{}+{})"
+    return (f"nullsrc=s={w}x{h}:r={SEED_FPS},geq=r='{wave.format('X', 23, 0.9, seed)}'"
+            f":g='{wave.format('Y', 17, 0.6, 2 * seed)}':b='{wave.format('(X+Y)', 29, 0.4, 3 * seed)}'")
+
+
+def _sentence(text: str) -> str:
+    return text[:1].upper() + text[1:]
+
+
+def _seed_rows(labels: list[tuple[int, str, str]], split: str, videos: Path) -> list[dict]:
+    """Encode each label's clean and degraded clip; the clean one is video_a on even rows and
+    video_b on odd ones, so the human's preference is balanced between a and b."""
+    from infra.critic_seed import NOTES
+
+    w, h = SEED_SIZE
+    rows = []
+    for i, (seed, kind, prompt) in enumerate(labels):
+        pair_id = f"{split}-{i}-{kind}"
+        scene, degradation = _scene(w, h, SEED_FPS, seed, background=_waves(w, h, seed)), DEGRADATIONS[kind]
+        clean, bad = f"videos/{pair_id}-clean.mp4", f"videos/{pair_id}-{kind}.mp4"
+        _encode(scene, videos.parent / clean, SEED_SECONDS)
+        _encode(f"{scene},{degradation.filters}", videos.parent / bad, SEED_SECONDS)
+        clean_side = "a" if i % 2 == 0 else "b"
+        names = {"clean": f"video {clean_side.upper()}",
+                 "bad": f"video {'B' if clean_side == 'a' else 'A'}"}
+        rows.append({"id": pair_id, "prompt": prompt,
+                     "video_a": clean if clean_side == "a" else bad,
+                     "video_b": bad if clean_side == "a" else clean,
+                     "preferred": clean_side,
+                     "rationale": _sentence(degradation.rationale.format(**names)),
+                     **{n: _sentence(degradation.notes.get(n, "").format(**names)) for n in NOTES}})
+    return rows
+
+
+def make_critic_seed(out: str | os.PathLike) -> Path:
+    """critic-seed/seed.csv (6 pairs) and heldout.csv (4 pairs, other scenes) in
+    regdpo.critic-seed.v1 (infra/critic_seed.py), videos in critic-seed/videos/: each pair a
+    clean toy clip against a copy degraded by a real ffmpeg filter (noise and blur, stutter,
+    pixelation, ...), the clean one preferred, with a rationale and per-dimension notes on
+    what the degradation did. Returns the critic-seed folder."""
+    from infra.critic_seed import NOTES, REQUIRED
+
+    root = Path(out) / "critic-seed"
+    (root / "videos").mkdir(parents=True, exist_ok=True)
+    for name, labels in (("seed", SEED_LABELS), ("heldout", HELDOUT_LABELS)):
+        rows = _seed_rows(labels, name, root / "videos")
+        with open(root / f"{name}.csv", "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=["id", *REQUIRED, *NOTES])
+            writer.writeheader()
+            writer.writerows(rows)
+    return root
+
+
 def make_toy_models(out: str | os.PathLike) -> Path:
     """models/tiny-blip (captioner), models/tiny-wan-i2v and tiny-wan-t2v (random-weight
-    Wan2.1 I2V and T2V in the diffusers layout) and models/tiny-critic (a random-weight
-    Qwen2-VL critic): what configs/toy.yaml and toy-ipo.yaml load instead of real weights."""
+    Wan2.1 I2V and T2V in the diffusers layout) and models/tiny-critic (a tiny Qwen2-VL critic
+    taught the answer format, models.tiny.build_tiny_critic(answers=True): well-formed chains,
+    uninformed verdicts): what configs/toy.yaml and toy-ipo.yaml load instead of real weights."""
     from models.tiny import build_tiny, build_tiny_captioner, build_tiny_critic
 
     models = Path(out) / "models"
     build_tiny_captioner(models / "tiny-blip")
     build_tiny("i2v", models / "tiny-wan-i2v")
     build_tiny("t2v", models / "tiny-wan-t2v")
-    build_tiny_critic(models / "tiny-critic")
+    build_tiny_critic(models / "tiny-critic", answers=True)
     return models
 
 
 def make_toy_data(out: str | os.PathLike, edge_cases: bool = True) -> Path:
-    """Write clips/ (clean + one of each rejection kind), captions.csv, and edge/ cases."""
+    """Write clips/ (clean + one of each rejection kind), captions.csv, edge/ cases and the
+    critic's seed data (critic-seed/)."""
     out = Path(out)
     clips = out / "clips"
     clips.mkdir(parents=True, exist_ok=True)
@@ -172,4 +315,5 @@ def make_toy_data(out: str | os.PathLike, edge_cases: bool = True) -> Path:
         writer.writerows(rows)
     if edge_cases:
         make_edge_cases(out / "edge")
+    make_critic_seed(out)
     return out
