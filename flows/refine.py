@@ -31,6 +31,7 @@ from infra.store import Store
 STAGE = STAGES["refine"]
 ROUND0 = ("seed_data", "seed_steps", "seed_lr", "batch", "seed", "rank", "alpha", "targets",
           "weight_decay")  # what round 0's fine-tune depends on
+CRITIC_INPUTS = {"model", "dtype", "frames", "frame_short_edge", "dimensions"}
 ROUND_R = ("steps", "batch", "max_pairs", "seed", "beta", "pce_threshold", "lr", "weight_decay")
 
 
@@ -107,7 +108,9 @@ def refine(run: str = "toy", config: SrpoConfig | None = None,
     from models.critic import weight_identity
 
     payload = {"round": round, "srpo": cfg.model_dump(), "critic": critic_cfg.model_dump()}
-    settings = {"critic": critic_cfg.model_dump(exclude={"device"}) | {
+    # What the critic's log-probs depend on (not how it samples: round r's chains are in the
+    # critique it reads, and round 0 samples nothing).
+    settings = {"critic": critic_cfg.model_dump(include=CRITIC_INPUTS) | {
         "weights": weight_identity(critic_cfg.model)}}
     if round == 0:
         if not cfg.seed_data:
