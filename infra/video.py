@@ -13,7 +13,7 @@ import queue
 import subprocess
 import tempfile
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from fractions import Fraction
 from typing import TYPE_CHECKING
@@ -215,15 +215,28 @@ def stream_decode(path: str, info: VideoInfo, short_edge: int,
                              w, h, timeout)
 
 
-def stream_ffmpeg(args: list[str], w: int, h: int, timeout: float = 600.0) -> Iterator[np.ndarray]:
+def stream_ffmpeg(args: list[str], w: int, h: int, timeout: float = 600.0,
+                  handed: int | None = None) -> Iterator[np.ndarray]:
     """Run a compiled ffmpeg argument list whose stdout is rgb24 frames of w x h, yielding each
-    frame (uint8 [h, w, 3]) as it arrives. A reader thread drains the pipe, so ffmpeg never
-    waits for the consumer; a trailing partial frame is dropped (as decode_frames does). Once
-    the frames are out, raises FFmpegError with stderr's tail if ffmpeg failed or ran past
-    `timeout`; a consumer that stops early stops ffmpeg."""
+    frame (uint8 [h, w, 3]) as it arrives (w = h = 0: no frames, stdout unused). A reader thread
+    drains the pipe, so ffmpeg never waits for the consumer; a trailing partial frame is dropped
+    (as decode_frames does). Once the frames are out, raises FFmpegError with stderr's tail if
+    ffmpeg failed or ran past `timeout`; a consumer that stops early stops ffmpeg. `handed`: a
+    pipe's write end that ffmpeg writes to (an output `pipe:<fd>`), closed here once ffmpeg
+    holds it, so the reader sees the end of the stream when ffmpeg closes it."""
     size, chunks = w * h * 3, queue.SimpleQueue()
-    with tempfile.TemporaryFile() as err, subprocess.Popen(
-            args, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=err) as proc:
+    err = tempfile.TemporaryFile()
+    try:
+        proc = subprocess.Popen(args, stdin=subprocess.DEVNULL,
+                                stdout=subprocess.PIPE if size else subprocess.DEVNULL,
+                                stderr=err, pass_fds=() if handed is None else (handed,))
+    except BaseException:
+        err.close()
+        raise
+    finally:
+        if handed is not None:
+            os.close(handed)
+    with err, proc:
         fired = threading.Event()
 
         def kill() -> None:
@@ -240,7 +253,10 @@ def stream_ffmpeg(args: list[str], w: int, h: int, timeout: float = 600.0) -> It
                 chunks.put(None)
 
         watchdog.start()
-        threading.Thread(target=drain, name="ffmpeg-frames", daemon=True).start()
+        if size:
+            threading.Thread(target=drain, name="ffmpeg-frames", daemon=True).start()
+        else:
+            chunks.put(None)
         try:
             while (chunk := chunks.get()) is not None:
                 yield np.frombuffer(chunk, np.uint8).reshape(h, w, 3)
@@ -254,6 +270,41 @@ def stream_ffmpeg(args: list[str], w: int, h: int, timeout: float = 600.0) -> It
         if code != 0:
             err.seek(0)
             raise FFmpegError(f"ffmpeg failed: {_last_line(err.read()) or code}")
+
+
+def stream_encoding(args_for: Callable[[str], list[str]], encoder: list[str], w: int, h: int,
+                    timeout: float = 600.0) -> Iterator[np.ndarray]:
+    """stream_ffmpeg of `args_for(target)`, an ffmpeg whose graph also writes frames to
+    `target`, a pipe to `encoder`: a second ffmpeg that reads them on stdin and encodes them.
+    Two processes, so the encoder (one x264 thread, X264_THREADS) runs beside the decode and
+    the filters instead of after them on ffmpeg's one filter-and-encode thread. Raises
+    FFmpegError if either fails; a consumer that stops early stops both."""
+    read, write = os.pipe()
+    with tempfile.TemporaryFile() as err:
+        try:
+            args = args_for(f"pipe:{write}")
+            enc = subprocess.Popen(encoder, stdin=read, stdout=subprocess.DEVNULL, stderr=err)
+        except BaseException:
+            os.close(write)
+            raise
+        finally:
+            os.close(read)
+        with enc:
+            done = False
+            try:
+                yield from stream_ffmpeg(args, w, h, timeout, handed=write)
+                done = True
+            finally:
+                if not done:
+                    enc.kill()
+            try:
+                code = enc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                enc.kill()
+                raise FFmpegError(f"ffmpeg (encoder) timed out after {timeout:.0f}s") from None
+            if code != 0:
+                err.seek(0)
+                raise FFmpegError(f"ffmpeg (encoder) failed: {_last_line(err.read()) or code}")
 
 
 def analysis_output(stream, info: VideoInfo, short_edge: int):
@@ -312,21 +363,13 @@ def bucket_geometry(width: int, height: int, buckets: list[str], short_edge: int
     return Geometry(bucket, cw, ch, (width - cw) // 2, (height - ch) // 2, out_w, out_h)
 
 
-def normalize_args(src: str, dst_video: str, dst_ref: str, geo: Geometry, fps: float, frames: int,
-                   crf: int, preset: str) -> list[str]:
-    """One ffmpeg pass: fps -> center crop -> scale -> yuv420p H.264 (first `frames`) + frame-0 PNG."""
-    outputs = gt_outputs(ffmpeg.input(file_url(src)).video, dst_video, dst_ref, geo, fps, frames,
-                         crf, preset)
-    return (ffmpeg.merge_outputs(*outputs)
-            .global_args("-v", "error", "-nostdin", "-y")
-            .compile(cmd=FFMPEG))
-
-
-def gt_outputs(stream, dst_video: str, dst_ref: str, geo: Geometry, fps: float, frames: int,
-               crf: int, preset: str) -> list:
-    """The GT clip's output nodes from a decoded video stream: fps -> center crop -> scale ->
-    yuv420p H.264 (first `frames`) and the frame-0 PNG. Shared by normalize_args and the fused
-    curation pass, so a clip's bytes do not depend on which pass made it.
+def gt_outputs(stream, encoder_pipe: str, dst_ref: str, geo: Geometry, fps: float,
+               frames: int) -> list:
+    """The GT clip's frames from a decoded video stream: fps -> center crop -> scale -> yuv420p
+    (first `frames`) to `encoder_pipe` for gt_encoder (raw video in Matroska, which carries the
+    frames' size, rate, SAR and colour properties, so the encoder writes the bytes of an
+    encode in this process), and the frame-0 PNG. One builder for normalize and the fused
+    curation pass (infra.gtspec), so a clip's bytes do not depend on which pass made it.
 
     ffmpeg's default autorotate applies the display rotation before the filters, so the
     geometry is computed on display size and the output carries no rotation flag.
@@ -339,13 +382,20 @@ def gt_outputs(stream, dst_video: str, dst_ref: str, geo: Geometry, fps: float, 
         .filter("format", "yuv420p")
         .split()
     )
-    video = v[0].output(
-        file_url(dst_video), vcodec="libx264", crf=crf, preset=preset, pix_fmt="yuv420p",
-        movflags="+faststart", map_metadata=-1, threads=X264_THREADS,
-        **{"frames:v": frames, "profile:v": "high"},
-    )
+    raw = v[0].output(encoder_pipe, format="matroska", vcodec="rawvideo", **{"frames:v": frames})
     ref = v[1].output(file_url(dst_ref), **{"frames:v": 1, "update": 1})
-    return [video, ref]
+    return [raw, ref]
+
+
+def gt_encoder(dst_video: str, frames: int, crf: int, preset: str) -> list[str]:
+    """The GT clip's encode, an ffmpeg of its own reading gt_outputs' frames on stdin: yuv420p
+    H.264 (the first `frames`), no metadata, moov first."""
+    return (ffmpeg.input("pipe:", format="matroska").video
+            .output(file_url(dst_video), vcodec="libx264", crf=crf, preset=preset,
+                    pix_fmt="yuv420p", movflags="+faststart", map_metadata=-1,
+                    threads=X264_THREADS, **{"frames:v": frames, "profile:v": "high"})
+            .global_args("-v", "error", "-nostdin", "-y")
+            .compile(cmd=FFMPEG))
 
 
 def read_frames(path: str, info: VideoInfo, bucket: str, width: int, height: int, fps: float,
