@@ -18,9 +18,9 @@ import numpy as np
 
 from infra.config import NormalizeConfig
 from infra.store import Store
-from infra.video import (FFMPEG, Geometry, VideoInfo, analysis_output, bucket_geometry,
-                         file_url, gt_encoder, gt_outputs, probe, stream_decode, stream_encoding,
-                         write_video)
+from infra.video import (Geometry, VideoInfo, analysis_output, bucket_geometry, global_args,
+                         gt_encoder, gt_outputs, item_cores, probe, source, stream_decode,
+                         stream_encoding, stream_ffmpeg, write_video)
 
 T = TypeVar("T")
 
@@ -32,26 +32,31 @@ class NormalizeReject(ValueError):
 def normalize_file(src: str, info: VideoInfo, cfg: NormalizeConfig, out_video: str, out_ref: str) -> dict:
     """Encode `src` to the GT spec at `out_video` (+ frame-0 PNG) and prove it by probing."""
     geo = gt_geometry(info, cfg)
-    for _ in gt_pass(ffmpeg.input(file_url(src)).video, geo, cfg, out_video, out_ref):
+    for _ in gt_pass(source(src).video, geo, cfg, out_video, out_ref):
         pass
     return prove(out_video, geo, cfg)
 
 
 def gt_pass(decoded, geo: Geometry, cfg: NormalizeConfig, out_video: str, out_ref: str,
             analysis: tuple | None = None, timeout: float = 600.0) -> Iterator[np.ndarray]:
-    """Make the GT clip of `decoded` (an ffmpeg-python stream of the source): one ffmpeg
-    decodes and filters, a second encodes (infra.video.stream_encoding). With `analysis`
-    (analysis_output's (node, w, h) on the same decode), yields its frames as they come."""
+    """Make the GT clip of `decoded` (an ffmpeg-python stream of the source); with `analysis`
+    (analysis_output's (node, w, h) on the same decode), yield its frames as they come. On
+    one core (infra.video.item_cores) one ffmpeg decodes, filters and encodes; on more, a second
+    ffmpeg encodes (stream_encoding), so x264 runs beside the decode and the filters instead of
+    after them on ffmpeg 5.1's one filter-and-encode thread. The same bytes either way."""
     frames, w, h = analysis or (None, 0, 0)
 
-    def args(encoder_pipe: str) -> list[str]:
-        outputs = gt_outputs(decoded, encoder_pipe, out_ref, geo, cfg.fps, cfg.frames)
-        return (ffmpeg.merge_outputs(*([frames] if frames is not None else []), *outputs)
-                .global_args("-v", "error", "-nostdin", "-y")
-                .compile(cmd=FFMPEG))
+    def args(encoder_pipe: str | None = None) -> list[str]:
+        outputs = gt_outputs(decoded, out_video, out_ref, geo, cfg.fps, cfg.frames, cfg.crf,
+                             cfg.preset, encoder_pipe)
+        return global_args(ffmpeg.merge_outputs(*([frames] if frames is not None else []),
+                                                *outputs), "-y")
 
-    yield from stream_encoding(args, gt_encoder(out_video, cfg.frames, cfg.crf, cfg.preset),
-                               w, h, timeout)
+    if item_cores() < 2:
+        yield from stream_ffmpeg(args(), w, h, timeout)
+    else:
+        yield from stream_encoding(args, gt_encoder(out_video, cfg.frames, cfg.crf, cfg.preset),
+                                   w, h, timeout)
 
 
 def gt_geometry(info: VideoInfo, cfg: NormalizeConfig) -> Geometry:
@@ -91,7 +96,7 @@ def analyze_and_normalize(src: str, info: VideoInfo, short_edge: int, cfg: Norma
         geo = gt_geometry(info, cfg)
     except NormalizeReject as e:
         return analyze(stream_decode(src, info, short_edge, timeout)), e
-    decoded = ffmpeg.input(file_url(src)).video.split()
+    decoded = source(src).video.split()
     result = analyze(gt_pass(decoded[1], geo, cfg, out_video, out_ref,
                              analysis_output(decoded[0], info, short_edge), timeout))
     try:

@@ -6,6 +6,7 @@ with ffmpeg-python and compiled to argument lists.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -14,6 +15,7 @@ import subprocess
 import tempfile
 import threading
 from collections.abc import Callable, Iterator
+from contextvars import ContextVar
 from dataclasses import asdict, dataclass
 from fractions import Fraction
 from typing import TYPE_CHECKING
@@ -33,6 +35,39 @@ FFMPEG = os.environ.get("REGDPO_FFMPEG", "ffmpeg")
 # is found truncated, or on another machine: it must come out byte-identical, or every key
 # downstream of it moves. One encoder thread per clip; items give the parallelism.
 X264_THREADS = 1
+
+# The cores one item's ffmpeg may use where it runs, set per item by the stage template from
+# the runner (flows/runner.py: a Dask worker thread is one core; the flow's threads share the
+# machine's). Unset (a direct call): every core this process may run on. Threads change no
+# output: decoders and scalers give the same frames on any count.
+ITEM_CORES: ContextVar[int | None] = ContextVar("item_cores", default=None)
+
+
+def item_cores() -> int:
+    return ITEM_CORES.get() or len(os.sched_getaffinity(0))
+
+
+@contextlib.contextmanager
+def on_cores(cores: int | None) -> Iterator[None]:
+    """The body's ffmpeg runs on `cores` cores (None: item_cores' default)."""
+    budget = ITEM_CORES.set(cores)
+    try:
+        yield
+    finally:
+        ITEM_CORES.reset(budget)
+
+
+def source(path: str | os.PathLike):
+    """The ffmpeg-python input of a local video, decoded on the item's cores."""
+    return ffmpeg.input(file_url(path), threads=item_cores())
+
+
+def global_args(node, *args: str):
+    """`node` compiled with quiet logging, no stdin and filters on the item's cores."""
+    cores = str(item_cores())
+    return (node.global_args("-v", "error", "-nostdin", "-filter_threads", cores,
+                             "-filter_complex_threads", cores, *args)
+            .compile(cmd=FFMPEG))
 
 
 class ProbeError(ValueError):
@@ -201,18 +236,16 @@ def scaled_size(width: int, height: int, short_edge: int) -> tuple[int, int]:
 def decode_frames(path: str, info: VideoInfo, short_edge: int, timeout: float = 600.0) -> np.ndarray:
     """Decode the video once (rotation applied), every frame downscaled to `short_edge`:
     uint8 RGB [N, H, W, 3]."""
-    out, w, h = analysis_output(ffmpeg.input(file_url(path)).video, info, short_edge)
-    args = out.global_args("-v", "error", "-nostdin").compile(cmd=FFMPEG)
-    return frames_of(run_ffmpeg(args, timeout=timeout).stdout, w, h)
+    out, w, h = analysis_output(source(path).video, info, short_edge)
+    return frames_of(run_ffmpeg(global_args(out), timeout=timeout).stdout, w, h)
 
 
 def stream_decode(path: str, info: VideoInfo, short_edge: int,
                   timeout: float = 600.0) -> Iterator[np.ndarray]:
     """decode_frames' frames one by one as ffmpeg decodes them (the consumer's work overlaps
     the decode)."""
-    out, w, h = analysis_output(ffmpeg.input(file_url(path)).video, info, short_edge)
-    yield from stream_ffmpeg(out.global_args("-v", "error", "-nostdin").compile(cmd=FFMPEG),
-                             w, h, timeout)
+    out, w, h = analysis_output(source(path).video, info, short_edge)
+    yield from stream_ffmpeg(global_args(out), w, h, timeout)
 
 
 def stream_ffmpeg(args: list[str], w: int, h: int, timeout: float = 600.0,
@@ -363,13 +396,14 @@ def bucket_geometry(width: int, height: int, buckets: list[str], short_edge: int
     return Geometry(bucket, cw, ch, (width - cw) // 2, (height - ch) // 2, out_w, out_h)
 
 
-def gt_outputs(stream, encoder_pipe: str, dst_ref: str, geo: Geometry, fps: float,
-               frames: int) -> list:
-    """The GT clip's frames from a decoded video stream: fps -> center crop -> scale -> yuv420p
-    (first `frames`) to `encoder_pipe` for gt_encoder (raw video in Matroska, which carries the
-    frames' size, rate, SAR and colour properties, so the encoder writes the bytes of an
-    encode in this process), and the frame-0 PNG. One builder for normalize and the fused
-    curation pass (infra.gtspec), so a clip's bytes do not depend on which pass made it.
+def gt_outputs(stream, dst_video: str, dst_ref: str, geo: Geometry, fps: float, frames: int,
+               crf: int, preset: str, encoder_pipe: str | None = None) -> list:
+    """The GT clip's output nodes from a decoded video stream: fps -> center crop -> scale ->
+    yuv420p H.264 (first `frames`) and the frame-0 PNG. With `encoder_pipe`, the frames go
+    there for gt_encoder, an ffmpeg of their own (raw video in Matroska, which carries their
+    size, rate, SAR and colour properties: the same bytes come out). One builder for normalize
+    and the fused curation pass (infra.gtspec), so a clip's bytes do not depend on which pass
+    made it.
 
     ffmpeg's default autorotate applies the display rotation before the filters, so the
     geometry is computed on display size and the output carries no rotation flag.
@@ -382,20 +416,28 @@ def gt_outputs(stream, encoder_pipe: str, dst_ref: str, geo: Geometry, fps: floa
         .filter("format", "yuv420p")
         .split()
     )
-    raw = v[0].output(encoder_pipe, format="matroska", vcodec="rawvideo", **{"frames:v": frames})
+    if encoder_pipe:
+        video = v[0].output(encoder_pipe, format="matroska", vcodec="rawvideo",
+                            **{"frames:v": frames})
+    else:
+        video = v[0].output(file_url(dst_video), **_gt_codec(frames, crf, preset))
     ref = v[1].output(file_url(dst_ref), **{"frames:v": 1, "update": 1})
-    return [raw, ref]
+    return [video, ref]
 
 
 def gt_encoder(dst_video: str, frames: int, crf: int, preset: str) -> list[str]:
-    """The GT clip's encode, an ffmpeg of its own reading gt_outputs' frames on stdin: yuv420p
-    H.264 (the first `frames`), no metadata, moov first."""
+    """The GT clip's encode as an ffmpeg of its own, reading gt_outputs' frames on stdin."""
     return (ffmpeg.input("pipe:", format="matroska").video
-            .output(file_url(dst_video), vcodec="libx264", crf=crf, preset=preset,
-                    pix_fmt="yuv420p", movflags="+faststart", map_metadata=-1,
-                    threads=X264_THREADS, **{"frames:v": frames, "profile:v": "high"})
+            .output(file_url(dst_video), **_gt_codec(frames, crf, preset))
             .global_args("-v", "error", "-nostdin", "-y")
             .compile(cmd=FFMPEG))
+
+
+def _gt_codec(frames: int, crf: int, preset: str) -> dict:
+    """yuv420p H.264 of the first `frames`, no metadata, moov first."""
+    return {"vcodec": "libx264", "crf": crf, "preset": preset, "pix_fmt": "yuv420p",
+            "movflags": "+faststart", "map_metadata": -1, "threads": X264_THREADS,
+            "frames:v": frames, "profile:v": "high"}
 
 
 def read_frames(path: str, info: VideoInfo, bucket: str, width: int, height: int, fps: float,
