@@ -21,6 +21,7 @@ from urllib.parse import urlsplit
 from prefect import Task
 
 from infra.config import RunnerConfig
+from infra.video import machine_cores
 
 EXTRA = "pip install 'regdpo[dist]'"
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
@@ -63,7 +64,7 @@ def item_runner(cfg: RunnerConfig, workers: int) -> Iterator[tuple[Submit, int, 
     own model: `dask worker --nthreads N` runs N tasks at once, one per core), so N items on
     a worker use its N cores and adding workers adds throughput."""
     if not cfg.cluster:
-        cores = max(1, len(os.sched_getaffinity(0)) // max(workers, 1))
+        cores = max(1, machine_cores() // max(workers, 1))
         yield (lambda task, parameters: task.submit(**parameters)), workers, cores
         return
     from prefect_dask import DaskTaskRunner

@@ -44,7 +44,12 @@ ITEM_CORES: ContextVar[int | None] = ContextVar("item_cores", default=None)
 
 
 def item_cores() -> int:
-    return ITEM_CORES.get() or len(os.sched_getaffinity(0))
+    return ITEM_CORES.get() or machine_cores()
+
+
+def machine_cores() -> int:
+    """The cores this process may run on (its CPU affinity, where the OS has one)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 @contextlib.contextmanager
