@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+from dataclasses import fields
+
 from prefect import flow
 
 from flows.dag import STAGES
 from flows.stage import StageRun
 from infra.config import FilterConfig
 from infra.stage import item_dir, item_key, row_key
+from infra.video import VideoInfo
 from tasks.filter import decide, explain
 
 STAGE = STAGES["filter"]
 PASSTHROUGH = ("id", "source", "caption", "sha256", "video", "bucket")
+INFO = frozenset(f.name for f in fields(VideoInfo))  # acquire's probe of the clip, in its row
 
 
 def _judge(source: dict, scored: dict, cfg: FilterConfig) -> dict:
@@ -59,7 +63,8 @@ def filter_videos(run: str = "toy", config: FilterConfig | None = None, store: s
         return entry
     signals = s.cfg.signals.model_dump()
     work = [s.work({"sha256": r["sha256"]}, signals, r["id"],
-                   {"id": r["id"], "source": r["source"], "video": r["video"], "signals": signals}
+                   {"id": r["id"], "source": r["source"], "video": r["video"], "signals": signals,
+                    "info": {k: r[k] for k in INFO} if INFO <= r.keys() else None}
                    | _prepared_item(r, s.cfg, prepare))
             for r in accepted]
     scored = s.map(work, s.cfg.workers)

@@ -21,6 +21,7 @@ from urllib.parse import urlsplit
 from prefect import Task
 
 from infra.config import RunnerConfig
+from infra.video import machine_cores
 
 EXTRA = "pip install 'regdpo[dist]'"
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
@@ -55,12 +56,16 @@ def runner_problems(cfg: RunnerConfig, timeout_s: float = 3.0) -> list[str]:
 
 
 @contextmanager
-def item_runner(cfg: RunnerConfig, workers: int) -> Iterator[tuple[Submit, int]]:
-    """(submit(task, parameters) -> a Prefect future, how many items to keep in flight).
-    Threads: the flow's task runner, `workers` at a time. A cluster: two items per worker
-    thread, so each worker has the next one queued when it finishes one."""
+def item_runner(cfg: RunnerConfig, workers: int) -> Iterator[tuple[Submit, int, int]]:
+    """(submit(task, parameters) -> a Prefect future, how many items to keep in flight, the
+    cores one item may use: infra.video.item_cores). Threads: the flow's task runner, `workers`
+    at a time, sharing this machine's cores. A cluster: two items per worker thread, so each
+    worker has the next one queued when it finishes one; a worker thread is one core (Dask's
+    own model: `dask worker --nthreads N` runs N tasks at once, one per core), so N items on
+    a worker use its N cores and adding workers adds throughput."""
     if not cfg.cluster:
-        yield (lambda task, parameters: task.submit(**parameters)), workers
+        cores = max(1, machine_cores() // max(workers, 1))
+        yield (lambda task, parameters: task.submit(**parameters)), workers, cores
         return
     from prefect_dask import DaskTaskRunner
 
@@ -72,7 +77,7 @@ def item_runner(cfg: RunnerConfig, workers: int) -> Iterator[tuple[Submit, int]]
             "processes": True, "dashboard_address": None})
     with runner, api_for_workers():
         threads = sum(runner.client.nthreads().values())
-        yield runner.submit, max(2 * threads, 1)
+        yield runner.submit, max(2 * threads, 1), 1
 
 
 @contextmanager

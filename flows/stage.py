@@ -35,6 +35,7 @@ from infra.config import RunnerConfig, Section
 from infra.progress import Progress
 from infra.stage import bad_rows, content_digest, item_dir, output_digest, item_key, load_row, row_sizes, save_row, stage_dir, stage_key
 from infra.store import Store, digest
+from infra.video import on_cores
 
 
 def _transient_errors() -> tuple[type[BaseException], ...]:
@@ -64,12 +65,15 @@ def resolve(ref: str) -> Callable:
 
 @task(name="item", task_run_name="{stage}:{label}", cache_policy=NO_CACHE, retries=3,
       retry_delay_seconds=exponential_backoff(backoff_factor=2), retry_condition_fn=transient)
-def process_item(stage: str, fn: str, store_url: str, ikey: str, label: str, payload: dict) -> dict:
-    """Do one item's work unless its row is committed (and still matches its artifacts)."""
+def process_item(stage: str, fn: str, store_url: str, ikey: str, label: str, payload: dict,
+                 cores: int | None = None) -> dict:
+    """Do one item's work unless its row is committed (and still matches its artifacts), its
+    ffmpeg on `cores` cores (flows/runner.py)."""
     store = Store(store_url)
     row = load_row(store, stage, ikey)
     if row is None:
-        fields = resolve(fn)(store, item_dir(stage, ikey), payload)
+        with on_cores(cores):
+            fields = resolve(fn)(store, item_dir(stage, ikey), payload)
         row = save_row(store, stage, ikey, fields | {"flow_run": flow_run_id()})
     return row
 
@@ -196,11 +200,11 @@ class StageRun:
         if not work:
             return []
         with item_runner(self.runner if name in self.stage.cluster else THREADS, workers) as \
-                (submit, window):
-            return self._map(work, submit, window, fn, name, retries)
+                (submit, window, cores):
+            return self._map(work, submit, window, cores, fn, name, retries)
 
-    def _map(self, work: list[tuple[str, str, dict]], submit: Submit, window: int, fn: str,
-             name: str, retries: int | None) -> list[dict]:
+    def _map(self, work: list[tuple[str, str, dict]], submit: Submit, window: int, cores: int,
+             fn: str, name: str, retries: int | None) -> list[dict]:
         log = get_run_logger()
         item = process_item if retries is None else process_item.with_options(retries=retries)
         total = len(work)
@@ -212,7 +216,8 @@ class StageRun:
             while pending and len(inflight) < window and not shutdown.requested():
                 i, (ikey, label, payload) = pending.popleft()
                 future = submit(item, {"stage": name, "fn": fn, "store_url": self.store.url,
-                                       "ikey": ikey, "label": label, "payload": payload})
+                                       "ikey": ikey, "label": label, "payload": payload,
+                                       "cores": cores})
                 inflight[future] = i
                 future.add_done_callback(finished.put)
             if not inflight:

@@ -18,9 +18,9 @@ import numpy as np
 
 from infra.config import NormalizeConfig
 from infra.store import Store
-from infra.video import (FFMPEG, Geometry, VideoInfo, analysis_output, bucket_geometry,
-                         file_url, gt_outputs, normalize_args, probe, run_ffmpeg, stream_decode,
-                         stream_ffmpeg, write_video)
+from infra.video import (Geometry, VideoInfo, analysis_output, bucket_geometry, global_args,
+                         gt_encoder, gt_outputs, item_cores, probe, source, stream_decode,
+                         stream_encoding, stream_ffmpeg, write_video)
 
 T = TypeVar("T")
 
@@ -32,8 +32,31 @@ class NormalizeReject(ValueError):
 def normalize_file(src: str, info: VideoInfo, cfg: NormalizeConfig, out_video: str, out_ref: str) -> dict:
     """Encode `src` to the GT spec at `out_video` (+ frame-0 PNG) and prove it by probing."""
     geo = gt_geometry(info, cfg)
-    run_ffmpeg(normalize_args(src, out_video, out_ref, geo, cfg.fps, cfg.frames, cfg.crf, cfg.preset))
+    for _ in gt_pass(source(src).video, geo, cfg, out_video, out_ref):
+        pass
     return prove(out_video, geo, cfg)
+
+
+def gt_pass(decoded, geo: Geometry, cfg: NormalizeConfig, out_video: str, out_ref: str,
+            analysis: tuple | None = None, timeout: float = 600.0) -> Iterator[np.ndarray]:
+    """Make the GT clip of `decoded` (an ffmpeg-python stream of the source); with `analysis`
+    (analysis_output's (node, w, h) on the same decode), yield its frames as they come. On
+    one core (infra.video.item_cores) one ffmpeg decodes, filters and encodes; on more, a second
+    ffmpeg encodes (stream_encoding), so x264 runs beside the decode and the filters instead of
+    after them on ffmpeg 5.1's one filter-and-encode thread. The same bytes either way."""
+    frames, w, h = analysis or (None, 0, 0)
+
+    def args(encoder_pipe: str | None = None) -> list[str]:
+        outputs = gt_outputs(decoded, out_video, out_ref, geo, cfg.fps, cfg.frames, cfg.crf,
+                             cfg.preset, encoder_pipe)
+        return global_args(ffmpeg.merge_outputs(*([frames] if frames is not None else []),
+                                                *outputs), "-y")
+
+    if item_cores() < 2:
+        yield from stream_ffmpeg(args(), w, h, timeout)
+    else:
+        yield from stream_encoding(args, gt_encoder(out_video, cfg.frames, cfg.crf, cfg.preset),
+                                   w, h, timeout)
 
 
 def gt_geometry(info: VideoInfo, cfg: NormalizeConfig) -> Geometry:
@@ -66,21 +89,16 @@ def analyze_and_normalize(src: str, info: VideoInfo, short_edge: int, cfg: Norma
                           timeout: float = 600.0) -> tuple[T, dict | NormalizeReject]:
     """One decode of `src` feeding both the filter's analysis (`analyze` consumes stream_decode's
     frames: every frame at `short_edge`, uint8 RGB, as they are decoded) and the GT encode
-    (normalize_file's bytes), through one ffmpeg process with a split graph. Returns (what
+    (normalize_file's bytes), through one ffmpeg decode with a split graph (gt_pass). Returns (what
     `analyze` returned, the proven GT spec), or the NormalizeReject instead of the spec when
     the clip cannot meet it; ffmpeg errors raise."""
     try:
         geo = gt_geometry(info, cfg)
     except NormalizeReject as e:
         return analyze(stream_decode(src, info, short_edge, timeout)), e
-    decoded = ffmpeg.input(file_url(src)).video.split()
-    frames, w, h = analysis_output(decoded[0], info, short_edge)
-    encode = gt_outputs(decoded[1], out_video, out_ref, geo, cfg.fps, cfg.frames, cfg.crf,
-                        cfg.preset)
-    args = (ffmpeg.merge_outputs(frames, *encode)
-            .global_args("-v", "error", "-nostdin", "-y")
-            .compile(cmd=FFMPEG))
-    result = analyze(stream_ffmpeg(args, w, h, timeout))
+    decoded = source(src).video.split()
+    result = analyze(gt_pass(decoded[1], geo, cfg, out_video, out_ref,
+                             analysis_output(decoded[0], info, short_edge), timeout))
     try:
         return result, prove(out_video, geo, cfg)
     except NormalizeReject as e:

@@ -6,6 +6,7 @@ with ffmpeg-python and compiled to argument lists.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -13,7 +14,8 @@ import queue
 import subprocess
 import tempfile
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextvars import ContextVar
 from dataclasses import asdict, dataclass
 from fractions import Fraction
 from typing import TYPE_CHECKING
@@ -33,6 +35,44 @@ FFMPEG = os.environ.get("REGDPO_FFMPEG", "ffmpeg")
 # is found truncated, or on another machine: it must come out byte-identical, or every key
 # downstream of it moves. One encoder thread per clip; items give the parallelism.
 X264_THREADS = 1
+
+# The cores one item's ffmpeg may use where it runs, set per item by the stage template from
+# the runner (flows/runner.py: a Dask worker thread is one core; the flow's threads share the
+# machine's). Unset (a direct call): every core this process may run on. Threads change no
+# output: decoders and scalers give the same frames on any count.
+ITEM_CORES: ContextVar[int | None] = ContextVar("item_cores", default=None)
+
+
+def item_cores() -> int:
+    return ITEM_CORES.get() or machine_cores()
+
+
+def machine_cores() -> int:
+    """The cores this process may run on (its CPU affinity, where the OS has one)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+@contextlib.contextmanager
+def on_cores(cores: int | None) -> Iterator[None]:
+    """The body's ffmpeg runs on `cores` cores (None: item_cores' default)."""
+    budget = ITEM_CORES.set(cores)
+    try:
+        yield
+    finally:
+        ITEM_CORES.reset(budget)
+
+
+def source(path: str | os.PathLike):
+    """The ffmpeg-python input of a local video, decoded on the item's cores."""
+    return ffmpeg.input(file_url(path), threads=item_cores())
+
+
+def global_args(node, *args: str):
+    """`node` compiled with quiet logging, no stdin and filters on the item's cores."""
+    cores = str(item_cores())
+    return (node.global_args("-v", "error", "-nostdin", "-filter_threads", cores,
+                             "-filter_complex_threads", cores, *args)
+            .compile(cmd=FFMPEG))
 
 
 class ProbeError(ValueError):
@@ -201,29 +241,40 @@ def scaled_size(width: int, height: int, short_edge: int) -> tuple[int, int]:
 def decode_frames(path: str, info: VideoInfo, short_edge: int, timeout: float = 600.0) -> np.ndarray:
     """Decode the video once (rotation applied), every frame downscaled to `short_edge`:
     uint8 RGB [N, H, W, 3]."""
-    out, w, h = analysis_output(ffmpeg.input(file_url(path)).video, info, short_edge)
-    args = out.global_args("-v", "error", "-nostdin").compile(cmd=FFMPEG)
-    return frames_of(run_ffmpeg(args, timeout=timeout).stdout, w, h)
+    out, w, h = analysis_output(source(path).video, info, short_edge)
+    return frames_of(run_ffmpeg(global_args(out), timeout=timeout).stdout, w, h)
 
 
 def stream_decode(path: str, info: VideoInfo, short_edge: int,
                   timeout: float = 600.0) -> Iterator[np.ndarray]:
     """decode_frames' frames one by one as ffmpeg decodes them (the consumer's work overlaps
     the decode)."""
-    out, w, h = analysis_output(ffmpeg.input(file_url(path)).video, info, short_edge)
-    yield from stream_ffmpeg(out.global_args("-v", "error", "-nostdin").compile(cmd=FFMPEG),
-                             w, h, timeout)
+    out, w, h = analysis_output(source(path).video, info, short_edge)
+    yield from stream_ffmpeg(global_args(out), w, h, timeout)
 
 
-def stream_ffmpeg(args: list[str], w: int, h: int, timeout: float = 600.0) -> Iterator[np.ndarray]:
+def stream_ffmpeg(args: list[str], w: int, h: int, timeout: float = 600.0,
+                  handed: int | None = None) -> Iterator[np.ndarray]:
     """Run a compiled ffmpeg argument list whose stdout is rgb24 frames of w x h, yielding each
-    frame (uint8 [h, w, 3]) as it arrives. A reader thread drains the pipe, so ffmpeg never
-    waits for the consumer; a trailing partial frame is dropped (as decode_frames does). Once
-    the frames are out, raises FFmpegError with stderr's tail if ffmpeg failed or ran past
-    `timeout`; a consumer that stops early stops ffmpeg."""
+    frame (uint8 [h, w, 3]) as it arrives (w = h = 0: no frames, stdout unused). A reader thread
+    drains the pipe, so ffmpeg never waits for the consumer; a trailing partial frame is dropped
+    (as decode_frames does). Once the frames are out, raises FFmpegError with stderr's tail if
+    ffmpeg failed or ran past `timeout`; a consumer that stops early stops ffmpeg. `handed`: a
+    pipe's write end that ffmpeg writes to (an output `pipe:<fd>`), closed here once ffmpeg
+    holds it, so the reader sees the end of the stream when ffmpeg closes it."""
     size, chunks = w * h * 3, queue.SimpleQueue()
-    with tempfile.TemporaryFile() as err, subprocess.Popen(
-            args, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=err) as proc:
+    err = tempfile.TemporaryFile()
+    try:
+        proc = subprocess.Popen(args, stdin=subprocess.DEVNULL,
+                                stdout=subprocess.PIPE if size else subprocess.DEVNULL,
+                                stderr=err, pass_fds=() if handed is None else (handed,))
+    except BaseException:
+        err.close()
+        raise
+    finally:
+        if handed is not None:
+            os.close(handed)
+    with err, proc:
         fired = threading.Event()
 
         def kill() -> None:
@@ -240,7 +291,10 @@ def stream_ffmpeg(args: list[str], w: int, h: int, timeout: float = 600.0) -> It
                 chunks.put(None)
 
         watchdog.start()
-        threading.Thread(target=drain, name="ffmpeg-frames", daemon=True).start()
+        if size:
+            threading.Thread(target=drain, name="ffmpeg-frames", daemon=True).start()
+        else:
+            chunks.put(None)
         try:
             while (chunk := chunks.get()) is not None:
                 yield np.frombuffer(chunk, np.uint8).reshape(h, w, 3)
@@ -254,6 +308,41 @@ def stream_ffmpeg(args: list[str], w: int, h: int, timeout: float = 600.0) -> It
         if code != 0:
             err.seek(0)
             raise FFmpegError(f"ffmpeg failed: {_last_line(err.read()) or code}")
+
+
+def stream_encoding(args_for: Callable[[str], list[str]], encoder: list[str], w: int, h: int,
+                    timeout: float = 600.0) -> Iterator[np.ndarray]:
+    """stream_ffmpeg of `args_for(target)`, an ffmpeg whose graph also writes frames to
+    `target`, a pipe to `encoder`: a second ffmpeg that reads them on stdin and encodes them.
+    Two processes, so the encoder (one x264 thread, X264_THREADS) runs beside the decode and
+    the filters instead of after them on ffmpeg's one filter-and-encode thread. Raises
+    FFmpegError if either fails; a consumer that stops early stops both."""
+    read, write = os.pipe()
+    with tempfile.TemporaryFile() as err:
+        try:
+            args = args_for(f"pipe:{write}")
+            enc = subprocess.Popen(encoder, stdin=read, stdout=subprocess.DEVNULL, stderr=err)
+        except BaseException:
+            os.close(write)
+            raise
+        finally:
+            os.close(read)
+        with enc:
+            done = False
+            try:
+                yield from stream_ffmpeg(args, w, h, timeout, handed=write)
+                done = True
+            finally:
+                if not done:
+                    enc.kill()
+            try:
+                code = enc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                enc.kill()
+                raise FFmpegError(f"ffmpeg (encoder) timed out after {timeout:.0f}s") from None
+            if code != 0:
+                err.seek(0)
+                raise FFmpegError(f"ffmpeg (encoder) failed: {_last_line(err.read()) or code}")
 
 
 def analysis_output(stream, info: VideoInfo, short_edge: int):
@@ -312,21 +401,14 @@ def bucket_geometry(width: int, height: int, buckets: list[str], short_edge: int
     return Geometry(bucket, cw, ch, (width - cw) // 2, (height - ch) // 2, out_w, out_h)
 
 
-def normalize_args(src: str, dst_video: str, dst_ref: str, geo: Geometry, fps: float, frames: int,
-                   crf: int, preset: str) -> list[str]:
-    """One ffmpeg pass: fps -> center crop -> scale -> yuv420p H.264 (first `frames`) + frame-0 PNG."""
-    outputs = gt_outputs(ffmpeg.input(file_url(src)).video, dst_video, dst_ref, geo, fps, frames,
-                         crf, preset)
-    return (ffmpeg.merge_outputs(*outputs)
-            .global_args("-v", "error", "-nostdin", "-y")
-            .compile(cmd=FFMPEG))
-
-
 def gt_outputs(stream, dst_video: str, dst_ref: str, geo: Geometry, fps: float, frames: int,
-               crf: int, preset: str) -> list:
+               crf: int, preset: str, encoder_pipe: str | None = None) -> list:
     """The GT clip's output nodes from a decoded video stream: fps -> center crop -> scale ->
-    yuv420p H.264 (first `frames`) and the frame-0 PNG. Shared by normalize_args and the fused
-    curation pass, so a clip's bytes do not depend on which pass made it.
+    yuv420p H.264 (first `frames`) and the frame-0 PNG. With `encoder_pipe`, the frames go
+    there for gt_encoder, an ffmpeg of their own (raw video in Matroska, which carries their
+    size, rate, SAR and colour properties: the same bytes come out). One builder for normalize
+    and the fused curation pass (infra.gtspec), so a clip's bytes do not depend on which pass
+    made it.
 
     ffmpeg's default autorotate applies the display rotation before the filters, so the
     geometry is computed on display size and the output carries no rotation flag.
@@ -339,13 +421,28 @@ def gt_outputs(stream, dst_video: str, dst_ref: str, geo: Geometry, fps: float, 
         .filter("format", "yuv420p")
         .split()
     )
-    video = v[0].output(
-        file_url(dst_video), vcodec="libx264", crf=crf, preset=preset, pix_fmt="yuv420p",
-        movflags="+faststart", map_metadata=-1, threads=X264_THREADS,
-        **{"frames:v": frames, "profile:v": "high"},
-    )
+    if encoder_pipe:
+        video = v[0].output(encoder_pipe, format="matroska", vcodec="rawvideo",
+                            **{"frames:v": frames})
+    else:
+        video = v[0].output(file_url(dst_video), **_gt_codec(frames, crf, preset))
     ref = v[1].output(file_url(dst_ref), **{"frames:v": 1, "update": 1})
     return [video, ref]
+
+
+def gt_encoder(dst_video: str, frames: int, crf: int, preset: str) -> list[str]:
+    """The GT clip's encode as an ffmpeg of its own, reading gt_outputs' frames on stdin."""
+    return (ffmpeg.input("pipe:", format="matroska").video
+            .output(file_url(dst_video), **_gt_codec(frames, crf, preset))
+            .global_args("-v", "error", "-nostdin", "-y")
+            .compile(cmd=FFMPEG))
+
+
+def _gt_codec(frames: int, crf: int, preset: str) -> dict:
+    """yuv420p H.264 of the first `frames`, no metadata, moov first."""
+    return {"vcodec": "libx264", "crf": crf, "preset": preset, "pix_fmt": "yuv420p",
+            "movflags": "+faststart", "map_metadata": -1, "threads": X264_THREADS,
+            "frames:v": frames, "profile:v": "high"}
 
 
 def read_frames(path: str, info: VideoInfo, bucket: str, width: int, height: int, fps: float,

@@ -227,6 +227,7 @@ def explain(reason: str, scores: dict, cfg: FilterConfig) -> str:
 
 def score_item(store: Store, out_dir: str, payload: dict) -> dict:
     """The filter stage's item: every score of one acquired video (thresholds decide later).
+    `payload["info"]`: acquire's probe of the same bytes (content-addressed), else one here.
 
     With `payload["prepare"]` (the normalize item this clip becomes, when normalize runs next
     and has no output for it yet) the one decode also feeds the GT encode, which is left in
@@ -234,7 +235,7 @@ def score_item(store: Store, out_dir: str, payload: dict) -> dict:
     signals = FilterSignals.model_validate(payload["signals"])
     with store.local_copy(store.key_of(payload["video"])) as path:
         try:
-            info = probe(path)
+            info = VideoInfo(**payload["info"]) if payload.get("info") else probe(path)
             prepare = payload.get("prepare")
             # Only on the cold path: not when normalize has the clip already (or ready).
             if prepare and not any(store.exists(k) for k in
