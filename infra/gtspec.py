@@ -6,6 +6,7 @@ frames (negatives, evaluate) to a GT clip's exact spec through the same code. Si
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import tempfile
@@ -18,11 +19,16 @@ import numpy as np
 
 from infra.config import NormalizeConfig
 from infra.store import Store
-from infra.video import (Geometry, VideoInfo, analysis_output, bucket_geometry, global_args,
-                         gt_encoder, gt_outputs, item_cores, probe, source, stream_decode,
-                         stream_encoding, stream_ffmpeg, write_video)
+from infra.video import (Geometry, VideoInfo, analysis_output, bucket_geometry, buffered,
+                         global_args, gt_encoder, gt_outputs, item_cores, probe, source,
+                         stream_decode, stream_encoding, stream_ffmpeg, write_video)
 
 T = TypeVar("T")
+
+
+# The analysis frames the fused pass holds before analysing them (infra.video.buffered): a 5 s
+# 1080p30 source is 58 MB at the default 256 px; longer ones are analysed as they come beyond.
+ANALYSIS_AHEAD = 256 * 2**20
 
 
 class NormalizeReject(ValueError):
@@ -32,18 +38,21 @@ class NormalizeReject(ValueError):
 def normalize_file(src: str, info: VideoInfo, cfg: NormalizeConfig, out_video: str, out_ref: str) -> dict:
     """Encode `src` to the GT spec at `out_video` (+ frame-0 PNG) and prove it by probing."""
     geo = gt_geometry(info, cfg)
-    for _ in gt_pass(source(src).video, geo, cfg, out_video, out_ref):
+    with gt_pass(source(src).video, geo, cfg, out_video, out_ref):
         pass
     return prove(out_video, geo, cfg)
 
 
+@contextlib.contextmanager
 def gt_pass(decoded, geo: Geometry, cfg: NormalizeConfig, out_video: str, out_ref: str,
-            analysis: tuple | None = None, timeout: float = 600.0) -> Iterator[np.ndarray]:
-    """Make the GT clip of `decoded` (an ffmpeg-python stream of the source); with `analysis`
-    (analysis_output's (node, w, h) on the same decode), yield its frames as they come. On
-    one core (infra.video.item_cores) one ffmpeg decodes, filters and encodes; on more, a second
-    ffmpeg encodes (stream_encoding), so x264 runs beside the decode and the filters instead of
-    after them on ffmpeg 5.1's one filter-and-encode thread. The same bytes either way."""
+            analysis: tuple | None = None, timeout: float = 600.0) -> Iterator[Iterator[np.ndarray]]:
+    """Make the GT clip of `decoded` (an ffmpeg-python stream of the source) by the end of
+    the block; with `analysis` (analysis_output's (node, w, h) on the same decode), the block
+    gets its frames as they come. On one core (infra.video.item_cores) one ffmpeg decodes,
+    filters and encodes; on more, a second ffmpeg encodes (stream_encoding), so x264 runs
+    beside the decode and the filters instead of after them on ffmpeg 5.1's one
+    filter-and-encode thread, and the frames end before the encode does. The same bytes
+    either way."""
     frames, w, h = analysis or (None, 0, 0)
 
     def args(encoder_pipe: str | None = None) -> list[str]:
@@ -53,10 +62,17 @@ def gt_pass(decoded, geo: Geometry, cfg: NormalizeConfig, out_video: str, out_re
                                                 *outputs), "-y")
 
     if item_cores() < 2:
-        yield from stream_ffmpeg(args(), w, h, timeout)
+        decode = stream_ffmpeg(args(), w, h, timeout)
+        try:
+            yield decode
+            for _ in decode:  # a block that did not read them all: the decode runs out
+                pass
+        finally:
+            decode.close()
     else:
-        yield from stream_encoding(args, gt_encoder(out_video, cfg.frames, cfg.crf, cfg.preset),
-                                   w, h, timeout)
+        with stream_encoding(args, gt_encoder(out_video, cfg.frames, cfg.crf, cfg.preset),
+                             w, h, timeout) as decode:
+            yield decode
 
 
 def gt_geometry(info: VideoInfo, cfg: NormalizeConfig) -> Geometry:
@@ -97,8 +113,13 @@ def analyze_and_normalize(src: str, info: VideoInfo, short_edge: int, cfg: Norma
     except NormalizeReject as e:
         return analyze(stream_decode(src, info, short_edge, timeout)), e
     decoded = source(src).video.split()
-    result = analyze(gt_pass(decoded[1], geo, cfg, out_video, out_ref,
-                             analysis_output(decoded[0], info, short_edge), timeout))
+    with gt_pass(decoded[1], geo, cfg, out_video, out_ref,
+                 analysis_output(decoded[0], info, short_edge), timeout) as frames:
+        # With its own encoder process, x264 is the pass's longest chain: it waits for its
+        # frames while the decode and the analysis share the other core, and it encodes the
+        # last ~40 (its lookahead) alone once the decode is done. So the analysis waits for
+        # the decode (up to ANALYSIS_AHEAD of frames) and runs in that tail, on the idle core.
+        result = analyze(frames if item_cores() < 2 else buffered(frames, ANALYSIS_AHEAD))
     try:
         return result, prove(out_video, geo, cfg)
     except NormalizeReject as e:

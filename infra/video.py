@@ -310,13 +310,18 @@ def stream_ffmpeg(args: list[str], w: int, h: int, timeout: float = 600.0,
             raise FFmpegError(f"ffmpeg failed: {_last_line(err.read()) or code}")
 
 
+@contextlib.contextmanager
 def stream_encoding(args_for: Callable[[str], list[str]], encoder: list[str], w: int, h: int,
-                    timeout: float = 600.0) -> Iterator[np.ndarray]:
+                    timeout: float = 600.0) -> Iterator[Iterator[np.ndarray]]:
     """stream_ffmpeg of `args_for(target)`, an ffmpeg whose graph also writes frames to
     `target`, a pipe to `encoder`: a second ffmpeg that reads them on stdin and encodes them.
     Two processes, so the encoder (one x264 thread, X264_THREADS) runs beside the decode and
-    the filters instead of after them on ffmpeg's one filter-and-encode thread. Raises
-    FFmpegError if either fails; a consumer that stops early stops both."""
+    the filters instead of after them on ffmpeg's one filter-and-encode thread.
+
+    The frames end when the decode does; the encoder is waited for when the block exits, so
+    work on the frames after their end overlaps the encoder's tail (x264 still holds its
+    lookahead then). Raises FFmpegError if either fails; a block that stops early or raises
+    stops both."""
     read, write = os.pipe()
     with tempfile.TemporaryFile() as err:
         try:
@@ -328,13 +333,15 @@ def stream_encoding(args_for: Callable[[str], list[str]], encoder: list[str], w:
         finally:
             os.close(read)
         with enc:
-            done = False
+            frames = stream_ffmpeg(args, w, h, timeout, handed=write)
             try:
-                yield from stream_ffmpeg(args, w, h, timeout, handed=write)
-                done = True
-            finally:
-                if not done:
-                    enc.kill()
+                yield frames
+                for _ in frames:  # a block that did not read them all: the decode runs out
+                    pass
+            except BaseException:
+                frames.close()
+                enc.kill()
+                raise
             try:
                 code = enc.wait(timeout)
             except subprocess.TimeoutExpired:
@@ -343,6 +350,22 @@ def stream_encoding(args_for: Callable[[str], list[str]], encoder: list[str], w:
             if code != 0:
                 err.seek(0)
                 raise FFmpegError(f"ffmpeg (encoder) failed: {_last_line(err.read()) or code}")
+
+
+def buffered(frames: Iterator[np.ndarray], budget_bytes: int) -> Iterator[np.ndarray]:
+    """`frames`, read ahead into memory until they end or hold `budget_bytes`, then yielded
+    (and any rest streamed): the consumer's work starts once the producer is done (or
+    `budget_bytes` ahead), instead of taking the CPU it needs."""
+    ahead, size = [], 0
+    for frame in frames:
+        ahead.append(frame)
+        size += frame.nbytes
+        if size >= budget_bytes:
+            break
+    ahead.reverse()
+    while ahead:
+        yield ahead.pop()
+    yield from frames
 
 
 def analysis_output(stream, info: VideoInfo, short_edge: int):
