@@ -115,9 +115,8 @@ def _trackers(config: RunConfig) -> list[str]:
 
 
 def _models(config: RunConfig, stages: list[str]) -> list[str]:
-    from models import captioner, wan
-    from tasks.evaluate import VBenchSetupError, check_vbench
-
+    """Each model module is imported only when a stage needs it: a curate-only run (a CPU
+    worker) would otherwise import torch, diffusers and transformers, 5 s, for nothing."""
     wanted: dict[tuple[str, str], list[str]] = {}  # (model, kind) -> the keys that name it
     if "negatives" in stages:
         for i, gen in enumerate(config.negatives.generators):
@@ -139,6 +138,8 @@ def _models(config: RunConfig, stages: list[str]) -> list[str]:
             wanted.setdefault((model, kind), []).append("evaluate.model" if ev.model else
                                                         "train.model (evaluate)")
     problems = []
+    if wanted:
+        from models import wan
     for (model, kind), keys in wanted.items():
         if why := wan.check_available(wan.WanSpec(kind=kind, model=model)):
             problems.append(f"{', '.join(keys)}: {why}")
@@ -162,9 +163,14 @@ def _models(config: RunConfig, stages: list[str]) -> list[str]:
                 problems.append(f"{key} {path!r}: {len(missing)} video(s) missing, e.g. "
                                 f"{missing[0]!r}; put them where the file names them")
     caption = config.normalize.caption.model
-    if "normalize" in stages and caption and (why := captioner.check_available(caption)):
-        problems.append(f"normalize.caption.model: {why}")
+    if "normalize" in stages and caption:
+        from models import captioner
+
+        if why := captioner.check_available(caption):
+            problems.append(f"normalize.caption.model: {why}")
     if "evaluate" in stages and ev is not None and "vbench" in ev.evaluators:
+        from tasks.evaluate import VBenchSetupError, check_vbench
+
         try:
             check_vbench(ev.vbench)
         except VBenchSetupError as e:
