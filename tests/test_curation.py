@@ -21,7 +21,7 @@ from conftest import toy_config
 from infra.config import AcquireConfig, FilterConfig
 from infra.stage import stage_dir
 from infra.store import SUCCESS, Store
-from infra.video import FFPROBE, probe
+from infra.video import FFPROBE, ProbeError, probe
 from tasks.acquire import criteria
 from tasks.filter import analyze, decide
 from tasks.toy_data import CLEAN, REJECTS
@@ -421,3 +421,64 @@ def test_streamed_frames_stop_with_their_consumer_and_at_the_deadline():
     with pytest.raises(FFmpegError, match="ffmpeg failed"):
         list(stream_ffmpeg([FFMPEG, "-v", "error", "-i", "file:/nonexistent.mp4", "-f",
                             "rawvideo", "pipe:"], 32, 24))
+
+
+def test_the_fused_encode_outlives_its_frames_and_stops_with_its_block(toy_dir, tmp_path):
+    """gt_pass with its own encoder (two cores): the analysis frames end with the decode and
+    the GT clip is whole when the block exits, also after a block that stopped reading early;
+    a block that raises stops the decode and the encoder, and leaves no ffmpeg running."""
+    from infra.config import NormalizeConfig
+    from infra.gtspec import NormalizeReject, gt_geometry, gt_pass, prove
+    from infra.video import analysis_output, on_cores, source
+
+    src = clip_path(toy_dir, CLEAN[0])
+    info = probe(src)
+    cfg = NormalizeConfig(short_edge=128, preset="ultrafast")
+    geo = gt_geometry(info, cfg)
+
+    def fused(out: Path, body):
+        with on_cores(2):
+            decoded = source(src).video.split()
+            with gt_pass(decoded[1], geo, cfg, str(out), str(tmp_path / f"{out.stem}.png"),
+                         analysis_output(decoded[0], info, 64)) as frames:
+                return body(frames)
+
+    assert fused(tmp_path / "all.mp4", lambda frames: sum(1 for _ in frames)) >= info.nb_frames - 1
+    assert fused(tmp_path / "some.mp4", lambda frames: [next(frames) for _ in range(3)])
+    for name in ("all", "some"):
+        assert prove(str(tmp_path / f"{name}.mp4"), geo, cfg)["frames"] == cfg.frames
+
+    def fails(frames):
+        next(frames)
+        raise KeyError("the analysis failed")
+
+    with pytest.raises(KeyError, match="the analysis failed"):
+        fused(tmp_path / "failed.mp4", fails)
+    running = [p for p in os.listdir("/proc") if p.isdigit() and "failed.mp4" in
+               Path(f"/proc/{p}/cmdline").read_bytes().decode(errors="replace")]
+    assert not running
+    with pytest.raises((NormalizeReject, ProbeError)):
+        prove(str(tmp_path / "failed.mp4"), geo, cfg)
+
+
+def test_buffered_reads_ahead_up_to_its_budget():
+    """infra.video.buffered: nothing is yielded until the frames end or fill the budget; then
+    every frame comes, in order, the rest streamed."""
+    import numpy as np
+
+    from infra.video import buffered
+
+    pulled = []
+
+    def frames(n: int):
+        for i in range(n):
+            pulled.append(i)
+            yield np.full(4, i, np.uint8)
+
+    ahead = buffered(frames(10), budget_bytes=12)  # 3 frames of 4 bytes
+    assert next(ahead)[0] == 0 and len(pulled) == 3
+    assert [f[0] for f in ahead] == list(range(1, 10))
+    pulled.clear()
+    ahead = buffered(frames(5), budget_bytes=10**6)
+    assert next(ahead)[0] == 0 and len(pulled) == 5
+    assert [f[0] for f in ahead] == [1, 2, 3, 4]
