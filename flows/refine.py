@@ -144,8 +144,10 @@ def refine(run: str = "toy", config: SrpoConfig | None = None,
         from models.critic import ADAPTER_FILES
 
         for name in ADAPTER_FILES:
-            s.store.record(f"{key}/{name}", *_size_sha(s.store, f"{key}/{name}"))
-    row = {"id": "adapter", "source": payload.get("seed") or "critique", "status": "ok",
+            s.store.record_stored(f"{key}/{name}")
+    # What the adapter learnt from: the seed file (round 0) or the critique manifest it read.
+    source = payload.get("seed") or s.input("critique")[1]["manifest"]
+    row = {"id": "adapter", "source": source, "status": "ok",
            "reason": "", "adapter": key, "adapter_sha256": adapter_sha256(s.store, key),
            "trained": result["trained"], "why": result["why"],
            "metrics": json.dumps(result["metrics"]), "flow_run": flow_run_id(),
@@ -157,8 +159,3 @@ def refine(run: str = "toy", config: SrpoConfig | None = None,
 def _adapter_row(store: Store, out: str) -> dict:
     row = next(r for r in store.read_manifest(out)[0].to_pylist() if r["id"] == "adapter")
     return {k: row[k] for k in ("adapter", "adapter_sha256", "trained", "why")}
-
-
-def _size_sha(store: Store, key: str) -> tuple[int, str]:
-    data = store.read_bytes(key)
-    return len(data), hashlib.sha256(data).hexdigest()

@@ -316,7 +316,7 @@ def train(run: str = "toy", config: TrainConfig | dict | None = None,
         get_run_logger().warning(note.replace("**", ""))
     publish(run, st, outputs, rows)
     # The adapter is the stage's result: recorded with its size and digest, checked on reuse.
-    st.record(outputs["adapter"], *_size_sha(st, outputs["adapter"]))
+    st.record_stored(outputs["adapter"])
     row = {"id": "adapter", "status": "ok", "reason": "", **outputs,
            "artifacts": st.take_receipts(lambda k: k == outputs["adapter"]),
            "collapse_steps": sum(bool(r.get("collapse")) for r in rows), "flow_run": flow_run_id()}
@@ -324,10 +324,3 @@ def train(run: str = "toy", config: TrainConfig | dict | None = None,
     source = "precompute" if data == _run_precompute(st, run, round) else "pairs_dataset"
     entry = s.commit([row], {source: data_success["manifest"]})
     return entry | {k: outputs[k] for k in ("adapter", "metrics", "tensorboard", "fig2")}
-
-
-def _size_sha(st: Store, key: str) -> tuple[int, str]:
-    import hashlib
-
-    data = st.read_bytes(key)
-    return len(data), hashlib.sha256(data).hexdigest()

@@ -304,6 +304,12 @@ class Store:
             self._receipts[key] = {"key": key, "size": int(size), "sha256": sha256}
         return key
 
+    def record_stored(self, key: str) -> str:
+        """Note the bytes `key` holds now, written by another process (training ranks, a
+        subprocess): hashed as they are read back."""
+        with self.fs.open(self.path(key), "rb") as f:
+            return self.record(key, *stream_digest(f))
+
     def take_receipts(self, keep) -> list[dict]:
         """Remove and return the receipts whose key satisfies `keep(key)`, sorted by key."""
         with self._receipts_lock:
@@ -396,11 +402,16 @@ class Store:
 
 def file_digest(path: str | os.PathLike) -> tuple[int, str]:
     """(size, sha256) of a local file, read in 1 MiB chunks."""
-    h, size = hashlib.sha256(), 0
     with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-            size += len(chunk)
+        return stream_digest(f)
+
+
+def stream_digest(f) -> tuple[int, str]:
+    """(size, sha256) of what an open binary file has left, read in 1 MiB chunks."""
+    h, size = hashlib.sha256(), 0
+    for chunk in iter(lambda: f.read(1 << 20), b""):
+        h.update(chunk)
+        size += len(chunk)
     return size, h.hexdigest()
 
 
