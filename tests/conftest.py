@@ -211,13 +211,21 @@ def prefect_api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
 
 @pytest.fixture(scope="session")
 def toy_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """clips/ (clean + one of each rejection kind), captions.csv, edge/, models/ (tiny-blip,
-    tiny-wan-i2v): what `regdpo toy-data` writes."""
+    """clips/ (clean + one of each rejection kind), captions.csv, edge/, critic-seed/, models/
+    (tiny-blip, tiny-wan-i2v, tiny-wan-t2v, tiny-critic): what `regdpo toy-data` writes."""
+    import torch
+
     from tasks.toy_data import make_toy_data, make_toy_models
 
     out = tmp_path_factory.mktemp("toy")
     make_toy_data(out, edge_cases=True)
+    # Building the models (the answering critic's format SFT included) is seeded without
+    # touching the caller's RNG: a test that seeds and then builds gets its own draws.
+    torch.manual_seed(7)
+    before = torch.rand(1)
+    torch.manual_seed(7)
     make_toy_models(out)
+    assert torch.equal(torch.rand(1), before), "building the toy models moved the caller's RNG"
     return out
 
 

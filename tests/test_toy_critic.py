@@ -8,28 +8,22 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from infra.config.critic import CriticConfig
 from infra.critic_seed import read_seed_pairs
 from models.critic import judge_pair, judge_video, load_critic, video_frames
-from models.tiny import build_tiny_critic
-from tasks.toy_data import make_critic_seed
 
 
 @pytest.fixture(scope="module")
-def seed_dir(tmp_path_factory) -> Path:
-    return make_critic_seed(tmp_path_factory.mktemp("toy"))
+def seed_dir(toy_dir: Path) -> Path:
+    return toy_dir / "critic-seed"  # make_critic_seed, through make_toy_data
 
 
 @pytest.fixture(scope="module")
-def answering_critic(tmp_path_factory) -> str:
-    torch.manual_seed(7)
-    before = torch.rand(1)
-    torch.manual_seed(7)
-    path = build_tiny_critic(tmp_path_factory.mktemp("answering_critic"), answers=True)
-    assert torch.equal(torch.rand(1), before), "the answer-format SFT moved the caller's RNG"
-    return path
+def answering_critic(toy_dir: Path) -> str:
+    # build_tiny_critic(answers=True), through make_toy_models; the conftest fixture also
+    # checks that building it leaves the caller's RNG alone.
+    return str(toy_dir / "models" / "tiny-critic")
 
 
 def test_the_answering_critic_writes_chains_that_parse(answering_critic, seed_dir):
