@@ -31,7 +31,6 @@ from __future__ import annotations
 from collections import Counter
 
 from prefect import flow, get_run_logger
-from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
 
 from flows.critique import NO_ADAPTER, critique
 from flows.dag import CURATE
@@ -40,6 +39,7 @@ from flows.pairs import pairs
 from flows.precompute import precompute
 from flows.refine import refine
 from flows.sample import sample
+from flows.stage import quiet_subflows
 from flows.train import train
 from infra.config import ConfigError, RunConfig
 from infra.stage import stage_dir
@@ -73,8 +73,7 @@ def untrainable(config: RunConfig, store: Store, precomputed: dict, round: int) 
 
 
 def _stage(fn, **kwargs) -> dict:
-    # Subflows run in the round's process; its heartbeat says it is alive (flows/pipeline.py).
-    with temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
+    with quiet_subflows():
         return fn(**kwargs)
 
 

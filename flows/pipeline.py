@@ -11,7 +11,6 @@ output of the others, and an unchanged stage is a lookup, not work.
 from __future__ import annotations
 
 from prefect import flow, get_run_logger
-from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
 
 from flows.acquire import acquire
 from flows.dag import CURATE, OPTIONAL, ORDER, STAGES
@@ -22,6 +21,7 @@ from flows.normalize import normalize, prepare_request
 from flows.pairs import pairs
 from flows.preflight import preflight
 from flows.precompute import precompute
+from flows.stage import quiet_subflows
 from flows.train import train
 from infra.config import RunConfig
 from infra.store import Store
@@ -65,10 +65,7 @@ def _run_stages(stages: tuple[str, ...], run: str, config: RunConfig, only: list
         if name == "filter" and "normalize" in selected(stages, config, only):
             # One decode per new clip for both stages (an execution detail: same outputs).
             extra = {"prepare": prepare_request(config.normalize)}
-        # The stage runs in this flow's process, whose own heartbeat says it is alive: one per
-        # subflow too would cost each stage up to a second at its end (Prefect joins the
-        # heartbeat thread, which sleeps in 1 s slices), 3 s of a 4-clip curate.
-        with temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
+        with quiet_subflows():
             results[name] = FLOWS[name](run=run, config=section, store=config.store, **extra)
         log.info("%s (reads %s): %s", name, ", ".join(STAGES[name].reads) or "sources",
                  results[name]["counts"])

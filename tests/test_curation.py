@@ -482,3 +482,35 @@ def test_buffered_reads_ahead_up_to_its_budget():
     ahead = buffered(frames(5), budget_bytes=10**6)
     assert next(ahead)[0] == 0 and len(pulled) == 5
     assert [f[0] for f in ahead] == [1, 2, 3, 4]
+
+
+def test_stage_subflows_send_no_heartbeat_of_their_own(prefect_api):
+    """The pipeline's stages run in its process: they send no heartbeat of their own (Prefect
+    joins a heartbeat thread at a flow's end, up to a second per stage), while the pipeline's
+    flow keeps its own, and nothing else of the settings changes."""
+    from prefect import flow
+    from prefect.settings import get_current_settings
+
+    from flows.stage import quiet_subflows
+
+    seen = {}
+
+    @flow
+    def stage_like():
+        seen["stage"] = get_current_settings()
+
+    @flow
+    def pipeline_like():
+        seen["before"] = get_current_settings()
+        with quiet_subflows():
+            stage_like()
+        seen["after"] = get_current_settings()
+
+    pipeline_like()
+    assert seen["before"].flows.heartbeat_frequency is not None
+    assert seen["stage"].flows.heartbeat_frequency is None
+    assert seen["after"].flows.heartbeat_frequency == seen["before"].flows.heartbeat_frequency
+    rest = {"flows"}
+    assert seen["stage"].model_dump(exclude=rest) == seen["before"].model_dump(exclude=rest)
+    assert seen["stage"].flows.model_dump(exclude={"heartbeat_frequency"}) == \
+        seen["before"].flows.model_dump(exclude={"heartbeat_frequency"})
