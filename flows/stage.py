@@ -47,6 +47,11 @@ def _transient_errors() -> tuple[type[BaseException], ...]:
     return TransientError, ConnectionError, TimeoutError, BotoConnectionError
 
 
+# The UI's progress bar of a map moves at most this often (and at its end): each move is an API
+# call, which a map of short items (acquire's, normalize's commits) would make per item.
+PUBLISH_EVERY_S = 1.0
+
+
 def transient(task, task_run, state) -> bool:
     """Retry only network/storage hiccups, never bad input."""
     try:
@@ -210,6 +215,7 @@ class StageRun:
         item = process_item if retries is None else process_item.with_options(retries=retries)
         total = len(work)
         progress = create_progress_artifact(0.0, description=f"{name}: {total} items")
+        published = time.monotonic()  # the artifact's last update: an API call each
         counter = Progress(total, name, log.info)  # count, rate, ETA: a line every 10 s, a TTY bar
         pending, inflight, rows = deque(enumerate(work)), {}, [None] * total
         finished: queue.SimpleQueue = queue.SimpleQueue()
@@ -236,7 +242,10 @@ class StageRun:
                 log.warning("%s item %s failed: %s", name, label, e)
                 rows[i] = {"id": payload.get("id", label), "source": payload.get("source"),
                            "status": "failed", "reason": f"{type(e).__name__}: {e}"[:500]}
-            update_progress_artifact(progress, 100.0 * (total - len(pending) - len(inflight)) / max(total, 1))
+            finished_now = total - len(pending) - len(inflight)
+            if finished_now == total or time.monotonic() - published >= PUBLISH_EVERY_S:
+                update_progress_artifact(progress, 100.0 * finished_now / max(total, 1))
+                published = time.monotonic()
             counter.update()
         counter.close()
         shutdown.raise_if_requested(f"{name}: stopped with {len(pending)} item(s) not started")
