@@ -322,9 +322,8 @@ def tag_flow_run(*tags: str) -> None:
     if not flow_run.id:
         return
     try:
-        with get_client(sync_client=True) as client:
-            current = client.read_flow_run(flow_run.id).tags or []
-            client.update_flow_run(flow_run.id, tags=sorted(set(current) | set(tags)))
+        with get_client(sync_client=True) as client:  # its tags as created: no read back
+            client.update_flow_run(flow_run.id, tags=sorted(set(flow_run.tags) | set(tags)))
     except Exception as e:  # noqa: BLE001 - tags are for browsing; they never fail a stage
         get_run_logger().debug("could not tag the flow run: %s", e)
 
