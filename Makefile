@@ -26,7 +26,7 @@ demo: install toy
 # The VBench tests run the real vbench package in its own env, so `make test` builds it first
 # (REGDPO_SKIP_VBENCH=1 skips both the env and those tests).
 test: install $(if $(filter 1,$(REGDPO_SKIP_VBENCH)),,vbench-env)
-	$(BIN)/python -m pytest -q -ra
+	$(BIN)/python -m pytest -q -ra --durations=25
 
 # The isolated VBench env (transformers 4.33, numpy<2, torchvision) the evaluate stage calls as
 # a subprocess; ~5 min and ~6.7 GB here, then cached (a stamp records the pins).
