@@ -26,6 +26,7 @@ from infra.video import FFmpegError, ProbeError, VideoInfo, probe, stream_decode
 # cluster's worker threads), as X264_THREADS does for the encode. OpenCV's pool and ONNX
 # Runtime's spinning threads only burned CPU beside them: 22% of the analysis' CPU on the
 # benchmark clips at the same wall time, every score identical (measured on the toy clips).
+# OpenCV's setting is per process: the evaluate stage's proxy scores (items too) follow it.
 cv2.setNumThreads(1)
 
 # Rejection reasons in priority order: the first that applies becomes the row's `reason`.
