@@ -215,7 +215,7 @@ class StageRun:
         item = process_item if retries is None else process_item.with_options(retries=retries)
         total = len(work)
         progress = create_progress_artifact(0.0, description=f"{name}: {total} items")
-        published = time.monotonic()  # the artifact's last update: an API call each
+        published, shown = time.monotonic(), 0  # the artifact's last update (an API call each)
         counter = Progress(total, name, log.info)  # count, rate, ETA: a line every 10 s, a TTY bar
         pending, inflight, rows = deque(enumerate(work)), {}, [None] * total
         finished: queue.SimpleQueue = queue.SimpleQueue()
@@ -242,12 +242,13 @@ class StageRun:
                 log.warning("%s item %s failed: %s", name, label, e)
                 rows[i] = {"id": payload.get("id", label), "source": payload.get("source"),
                            "status": "failed", "reason": f"{type(e).__name__}: {e}"[:500]}
-            finished_now = total - len(pending) - len(inflight)
-            if finished_now == total or time.monotonic() - published >= PUBLISH_EVERY_S:
-                update_progress_artifact(progress, 100.0 * finished_now / max(total, 1))
-                published = time.monotonic()
             counter.update()
+            if time.monotonic() - published >= PUBLISH_EVERY_S:
+                shown, published = counter.done, time.monotonic()
+                update_progress_artifact(progress, 100.0 * shown / max(total, 1))
         counter.close()
+        if counter.done != shown:  # the end, or where a shutdown stopped it
+            update_progress_artifact(progress, 100.0 * counter.done / max(total, 1))
         shutdown.raise_if_requested(f"{name}: stopped with {len(pending)} item(s) not started")
         return rows
 
