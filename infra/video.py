@@ -6,7 +6,9 @@ with ffmpeg-python and compiled to argument lists.
 
 from __future__ import annotations
 
+import collections
 import contextlib
+import inspect
 import json
 import math
 import os
@@ -318,20 +320,24 @@ def stream_encoding(args_for: Callable[[str], list[str]], encoder: list[str], w:
     Two processes, so the encoder (one x264 thread, X264_THREADS) runs beside the decode and
     the filters instead of after them on ffmpeg's one filter-and-encode thread.
 
-    The frames end when the decode does; the encoder is waited for when the block exits, so
-    work on the frames after their end overlaps the encoder's tail (x264 still holds its
-    lookahead then). Raises FFmpegError if either fails; a block that stops early or raises
-    stops both."""
-    read, write = os.pipe()
+    Between the two, a relay (PipeRelay) holds up to ENCODE_AHEAD of the encoder's input in
+    memory, so the decode runs at its own pace instead of x264's (a pipe holds less than one
+    frame): the frames end when the decode does, well before the encode, and work on them
+    overlaps the encode. The encoder is waited for when the block exits. Raises FFmpegError
+    if either fails; a block that stops early or raises stops both."""
+    read, write = os.pipe()  # decoder -> relay
+    enc_read, enc_write = os.pipe()  # relay -> encoder
     with tempfile.TemporaryFile() as err:
         try:
             args = args_for(f"pipe:{write}")
-            enc = subprocess.Popen(encoder, stdin=read, stdout=subprocess.DEVNULL, stderr=err)
+            enc = subprocess.Popen(encoder, stdin=enc_read, stdout=subprocess.DEVNULL, stderr=err)
         except BaseException:
-            os.close(write)
+            for fd in (write, read, enc_write):
+                os.close(fd)
             raise
         finally:
-            os.close(read)
+            os.close(enc_read)
+        relay = PipeRelay(read, enc_write, ENCODE_AHEAD)
         with enc:
             frames = stream_ffmpeg(args, w, h, timeout, handed=write)
             try:
@@ -339,17 +345,97 @@ def stream_encoding(args_for: Callable[[str], list[str]], encoder: list[str], w:
                 for _ in frames:  # a block that did not read them all: the decode runs out
                     pass
             except BaseException:
+                if inspect.getgeneratorstate(frames) == inspect.GEN_CREATED:
+                    os.close(write)  # the decode never started: the relay's input ends here
                 frames.close()
                 enc.kill()
+                relay.join()
                 raise
             try:
                 code = enc.wait(timeout)
             except subprocess.TimeoutExpired:
                 enc.kill()
                 raise FFmpegError(f"ffmpeg (encoder) timed out after {timeout:.0f}s") from None
+            finally:
+                relay.join()
             if code != 0:
                 err.seek(0)
                 raise FFmpegError(f"ffmpeg (encoder) failed: {_last_line(err.read()) or code}")
+
+
+# How far the decode may run ahead of the GT encoder (stream_encoding): the whole GT clip at
+# the default spec (81 frames of 1280x720 yuv420p are 112 MB), so the decode never waits.
+ENCODE_AHEAD = 256 * 2**20
+
+
+class PipeRelay:
+    """Copies pipe `src` to pipe `dst` through memory, up to `budget` bytes ahead of dst's
+    reader, in two threads (one reads, one writes). Owns both fds: dst is closed at src's end
+    (its reader sees the end of the stream), src when dst's reader goes away (its writer sees
+    a broken pipe, as it would writing to that reader directly)."""
+
+    CHUNK = 1 << 20
+
+    def __init__(self, src: int, dst: int, budget: int):
+        self.src, self.dst, self.budget = src, dst, budget
+        self.chunks: collections.deque[bytes] = collections.deque()
+        self.held, self.ended, self.broken = 0, False, False
+        self.cond = threading.Condition()
+        self.threads = [threading.Thread(target=f, name=f"pipe-relay-{f.__name__}", daemon=True)
+                        for f in (self._read, self._write)]
+        for t in self.threads:
+            t.start()
+
+    def _read(self) -> None:
+        try:
+            while True:
+                with self.cond:
+                    self.cond.wait_for(lambda: self.held < self.budget or self.broken)
+                    if self.broken:
+                        return
+                data = os.read(self.src, self.CHUNK)
+                with self.cond:
+                    if self.broken:
+                        return
+                    if data:
+                        self.chunks.append(data)
+                        self.held += len(data)
+                    else:
+                        self.ended = True
+                    self.cond.notify_all()
+                if not data:
+                    return
+        finally:
+            os.close(self.src)
+            with self.cond:
+                self.ended = True
+                self.cond.notify_all()
+
+    def _write(self) -> None:
+        try:
+            while True:
+                with self.cond:
+                    self.cond.wait_for(lambda: self.chunks or self.ended)
+                    if not self.chunks:
+                        return
+                    data = self.chunks.popleft()
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(self.dst, view):]
+                with self.cond:
+                    self.held -= len(data)
+                    self.cond.notify_all()
+        except OSError:  # the reader went away: so does the writer's reader
+            with self.cond:
+                self.broken = True
+                self.chunks.clear()
+                self.cond.notify_all()
+        finally:
+            os.close(self.dst)
+
+    def join(self) -> None:
+        for t in self.threads:
+            t.join()
 
 
 def buffered(frames: Iterator[np.ndarray], budget_bytes: int) -> Iterator[np.ndarray]:

@@ -475,6 +475,51 @@ def test_the_fused_encode_outlives_its_frames_and_stops_with_its_block(toy_dir, 
         prove(str(tmp_path / "failed.mp4"), geo, cfg)
 
 
+def test_pipe_relay_lets_the_writer_run_ahead_up_to_its_budget():
+    """infra.video.PipeRelay (between the fused pass's decode and its encoder): the writer
+    finishes while nobody reads, up to the budget and no further; the reader gets every byte
+    in order, then the end; a reader that goes away gives the writer a broken pipe."""
+    import threading
+
+    from infra.video import PipeRelay
+
+    def relay(budget: int):
+        src_r, src_w = os.pipe()
+        dst_r, dst_w = os.pipe()
+        return PipeRelay(src_r, dst_w, budget), src_w, dst_r
+
+    def write_all(fd: int, data: bytes, done: threading.Event) -> None:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        done.set()
+
+    data = os.urandom(3 << 20)  # 3 MB: far more than two pipes hold
+    r, src_w, dst_r = relay(budget=8 << 20)
+    done = threading.Event()
+    threading.Thread(target=write_all, args=(src_w, data, done), daemon=True).start()
+    assert done.wait(10)  # the whole stream is out while nobody reads the other end
+    with os.fdopen(dst_r, "rb") as f:
+        assert f.read() == data  # every byte in order, then the end of the stream
+    r.join()
+
+    r, src_w, dst_r = relay(budget=1 << 20)
+    done = threading.Event()
+    threading.Thread(target=write_all, args=(src_w, data, done), daemon=True).start()
+    assert not done.wait(1)  # past its budget (and a chunk), the relay reads no more
+    assert r.held <= (1 << 20) + PipeRelay.CHUNK
+    with os.fdopen(dst_r, "rb") as f:
+        assert f.read() == data and done.wait(10)
+    r.join()
+
+    r, src_w, dst_r = relay(budget=1 << 20)
+    os.close(dst_r)  # the encoder died
+    with pytest.raises(BrokenPipeError), os.fdopen(src_w, "wb") as f:
+        for _ in range(64):
+            f.write(data[: 1 << 20])
+            f.flush()
+    r.join()
+
+
 def test_buffered_reads_ahead_up_to_its_budget():
     """infra.video.buffered: nothing is yielded until the frames end or fill the budget; then
     every frame comes, in order, the rest streamed."""
