@@ -3,7 +3,8 @@
 For each worker count: a LocalCluster of that many worker processes (1 thread each), started
 and warmed (imports, OCR model) before the clock, reached by address as an existing cluster
 would be; then the `curate` flow (acquire -> filter -> normalize at the paper's GT spec) over
-the same clips into a fresh store. Prints clips per minute for each and, last,
+the same clips into a fresh store. Prints clips per minute for each, with the cores the run
+kept busy on average (all its processes), and, last,
 
     parallel efficiency <throughput at 2 / (2 x throughput at 1)>    (target on 2 cores: >= 0.8)
 
@@ -64,15 +65,36 @@ def clips_per_minute(workers: int, tmp: Path, clips: Path, warm: Path, preset: s
         curate(run="scale", config=config(f"file://{tmp}/warm{workers}", warm,
                                           cluster.scheduler_address, preset))
         n = sum(1 for _ in csv.DictReader(clips.open()))
-        t = time.perf_counter()
+        cpu, t = cpu_seconds(), time.perf_counter()
         result = curate(run="scale", config=config(f"file://{tmp}/store{workers}", clips,
                                                    cluster.scheduler_address, preset))
-        seconds = time.perf_counter() - t
+        seconds, cpu = time.perf_counter() - t, cpu_seconds() - cpu
     ok = result["normalize"]["counts"]["ok"]
     assert ok == n, f"{ok} of {n} clips normalized: {result}"
     rate = 60 * n / seconds
-    print(f"{workers} worker(s): {n} clips in {seconds:.1f} s = {rate:.2f} clips/min", flush=True)
+    # Cores busy on average: every process of the run (this one with the flow and the Dask
+    # scheduler, the workers and their ffmpegs, Prefect's API server). One worker thread is
+    # one core in Dask's model, but its item's analysis runs beside its ffmpeg, and the flow
+    # and the API run beside both: on 2 cores, efficiency <= 2 / (2 x cores busy at 1 worker).
+    print(f"{workers} worker(s): {n} clips in {seconds:.1f} s = {rate:.2f} clips/min "
+          f"({cpu / seconds:.2f} of {os.cpu_count()} cores busy)", flush=True)
     return rate
+
+
+def cpu_seconds() -> float:
+    """CPU seconds used so far by this process and its descendants, live or exited (an exited
+    process's time is in its parent's children_* once the parent has waited for it)."""
+    import psutil
+
+    me = psutil.Process()
+    total = 0.0
+    for p in [me, *me.children(recursive=True)]:
+        try:
+            t = p.cpu_times()
+        except psutil.NoSuchProcess:
+            continue
+        total += t.user + t.system + t.children_user + t.children_system
+    return total
 
 
 def main() -> None:
