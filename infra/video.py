@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import fcntl
 import inspect
 import json
 import math
@@ -327,6 +328,8 @@ def stream_encoding(args_for: Callable[[str], list[str]], encoder: list[str], w:
     if either fails; a block that stops early or raises stops both."""
     read, write = os.pipe()  # decoder -> relay
     enc_read, enc_write = os.pipe()  # relay -> encoder
+    for fd in (read, enc_read):
+        widen_pipe(fd)
     with tempfile.TemporaryFile() as err:
         try:
             args = args_for(f"pipe:{write}")
@@ -363,6 +366,18 @@ def stream_encoding(args_for: Callable[[str], list[str]], encoder: list[str], w:
                 raise FFmpegError(f"ffmpeg (encoder) failed: {_last_line(err.read()) or code}")
 
 
+# Linux's ceiling for an unprivileged pipe's buffer (/proc/sys/fs/pipe-max-size's default).
+PIPE_BYTES = 1 << 20
+
+
+def widen_pipe(fd: int) -> None:
+    """Give the pipe of `fd` (either end) PIPE_BYTES of buffer where the OS allows it, else
+    leave it as it is. The relay then moves 1 MB a call instead of the default 64 KB
+    (measured: 112 MB through PipeRelay took 0.20 CPU s instead of 0.25-0.28)."""
+    with contextlib.suppress(AttributeError, OSError):  # not Linux, or over the user's quota
+        fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, PIPE_BYTES)
+
+
 # How far the decode may run ahead of the GT encoder (stream_encoding): the whole GT clip at
 # the default spec (81 frames of 1280x720 yuv420p are 112 MB), so the decode never waits.
 ENCODE_AHEAD = 256 * 2**20
@@ -374,7 +389,7 @@ class PipeRelay:
     (its reader sees the end of the stream), src when dst's reader goes away (its writer sees
     a broken pipe, as it would writing to that reader directly)."""
 
-    CHUNK = 1 << 20
+    CHUNK = PIPE_BYTES
 
     def __init__(self, src: int, dst: int, budget: int):
         self.src, self.dst, self.budget = src, dst, budget
