@@ -56,18 +56,21 @@ def clips_per_minute(workers: int, tmp: Path, clips: Path, warm: Path, preset: s
     from distributed import Client, LocalCluster
 
     from flows.pipeline import curate
+    from flows.stage import heartbeats_if_watched
 
     with LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
                       dashboard_address=None) as cluster, Client(cluster) as client:
         client.run(lambda: [__import__(m) for m in ("tasks.acquire", "tasks.filter",
                                                     "tasks.normalize")])
         # Warm-up: one clip per worker through every stage (OCR and codecs load on first use).
-        curate(run="scale", config=config(f"file://{tmp}/warm{workers}", warm,
-                                          cluster.scheduler_address, preset))
+        with heartbeats_if_watched():  # as `regdpo run` starts a flow
+            curate(run="scale", config=config(f"file://{tmp}/warm{workers}", warm,
+                                              cluster.scheduler_address, preset))
         n = sum(1 for _ in csv.DictReader(clips.open()))
         cpu, t = cpu_seconds(), time.perf_counter()
-        result = curate(run="scale", config=config(f"file://{tmp}/store{workers}", clips,
-                                                   cluster.scheduler_address, preset))
+        with heartbeats_if_watched():
+            result = curate(run="scale", config=config(f"file://{tmp}/store{workers}", clips,
+                                                       cluster.scheduler_address, preset))
         seconds, cpu = time.perf_counter() - t, cpu_seconds() - cpu
     ok = result["normalize"]["counts"]["ok"]
     assert ok == n, f"{ok} of {n} clips normalized: {result}"

@@ -72,6 +72,7 @@ def run(
     from flows.dag import ORDER
     from flows.pipeline import check_stages, pipeline, selected
     from flows.preflight import PreflightError, preflight
+    from flows.stage import heartbeats_if_watched
 
     stages = [s.strip() for s in only.split(",") if s.strip()] if only else None
     if cfg.ipo is not None:
@@ -89,8 +90,9 @@ def run(
     except (PreflightError, ValueError) as e:
         _fail(f"run {cfg.name!r}: {e}")
     try:
-        results = pipeline(run=cfg.name, config=cfg, only=stages, nproc=nproc, nnodes=nnodes,
-                           node_rank=node_rank, rdzv=rdzv)
+        with heartbeats_if_watched():
+            results = pipeline(run=cfg.name, config=cfg, only=stages, nproc=nproc, nnodes=nnodes,
+                               node_rank=node_rank, rdzv=rdzv)
     except (LookupError, ValueError) as e:
         _fail(f"run {cfg.name!r} failed: {e}")
     except shutdown.ShutdownRequested as e:
@@ -113,6 +115,7 @@ def _run_ipo(cfg, stages: list[str] | None, nproc: int, nnodes: int) -> None:
     from flows.dag import CURATE
     from flows.ipo import ROUND_STAGES, ipo
     from flows.preflight import PreflightError, preflight
+    from flows.stage import heartbeats_if_watched
 
     try:
         if stages or nproc != 1 or nnodes != 1:
@@ -123,7 +126,8 @@ def _run_ipo(cfg, stages: list[str] | None, nproc: int, nnodes: int) -> None:
     except (PreflightError, ValueError) as e:
         _fail(f"run {cfg.name!r}: {e}")
     try:
-        results = ipo(run=cfg.name, config=cfg)
+        with heartbeats_if_watched():
+            results = ipo(run=cfg.name, config=cfg)
     except (LookupError, ValueError) as e:
         _fail(f"run {cfg.name!r} failed: {e}")
     except shutdown.ShutdownRequested as e:

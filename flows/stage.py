@@ -346,6 +346,23 @@ def quiet_subflows() -> Iterator[None]:
         yield
 
 
+@contextmanager
+def heartbeats_if_watched() -> Iterator[None]:
+    """A top-level flow run started in the block (`regdpo run`, the benchmarks) sends heartbeats
+    only where something can watch them: a Prefect server that outlives this process
+    (PREFECT_API_URL set), whose zombie-run automation marks a run crashed once its heartbeats
+    stop. Prefect's ephemeral API (PREFECT_API_URL unset) stops with this process, so no one
+    could; there the flow sends none, and its end does not wait up to a second for Prefect to
+    join the heartbeat thread (which sleeps in 1 s slices)."""
+    from prefect.settings import PREFECT_API_URL
+
+    if PREFECT_API_URL.value():
+        yield
+    else:
+        with quiet_subflows():
+            yield
+
+
 THREADS = RunnerConfig()
 
 

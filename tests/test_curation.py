@@ -573,3 +573,22 @@ def test_stage_subflows_send_no_heartbeat_of_their_own(prefect_api):
     assert seen["stage"].model_dump(exclude=rest) == seen["before"].model_dump(exclude=rest)
     assert seen["stage"].flows.model_dump(exclude={"heartbeat_frequency"}) == \
         seen["before"].flows.model_dump(exclude={"heartbeat_frequency"})
+
+
+def test_a_run_on_the_ephemeral_api_sends_no_heartbeat(prefect_api):
+    """Heartbeats are for a server that outlives the run (its zombie-run automation): against
+    one (PREFECT_API_URL set) a top-level flow keeps them; on Prefect's ephemeral API, which
+    stops with this process, it sends none (and does not wait up to 1 s at its end to join
+    the heartbeat thread)."""
+    from prefect.settings import PREFECT_API_URL, get_current_settings, temporary_settings
+
+    from flows.stage import heartbeats_if_watched
+
+    default = get_current_settings().flows.heartbeat_frequency
+    assert PREFECT_API_URL.value() and default is not None
+    with heartbeats_if_watched():
+        assert get_current_settings().flows.heartbeat_frequency == default
+    with temporary_settings(updates={PREFECT_API_URL: None}):
+        with heartbeats_if_watched():
+            assert get_current_settings().flows.heartbeat_frequency is None
+        assert get_current_settings().flows.heartbeat_frequency == default
