@@ -8,6 +8,7 @@ is listed at once, each naming the config key and how to fix it.
 - the trackers of `train.report_to` are installed (wandb and mlflow come with an extra);
 - a cluster runner can run: prefect-dask is installed and the scheduler at `runner.address`
   answers (the config itself refuses a store the cluster's workers cannot reach);
+- the stages that resize video have an ffmpeg with the zscale filter (libzimg);
 - every model a stage will load is here (a local folder with its layout, or a hub id in the
   HF cache; online, on the hub): the negatives generators, the model that precomputes and
   trains, the evaluated base, the captioner, VBench's environment and weights, and for a
@@ -29,6 +30,11 @@ from flows.dag import STAGES
 from flows.runner import runner_problems
 from infra.config import ManifestSource, RunConfig
 from infra.store import open_url
+from infra.video import ffmpeg_problem
+
+# The stages whose ffmpeg resizes video (infra.video.RESIZE): the analysis frames, the GT
+# clips, and the generated clips brought to a GT clip's spec.
+VIDEO_STAGES = {"filter", "normalize", "negatives", "evaluate", "sample"}
 
 
 class PreflightError(ValueError):
@@ -50,6 +56,8 @@ def preflight(config: RunConfig, stages: list[str]) -> None:
         problems += _trackers(config)
     if any(STAGES[s].cluster for s in stages):
         problems += runner_problems(config.runner)
+    if set(stages) & VIDEO_STAGES and (problem := ffmpeg_problem()):
+        problems.append(problem)
     problems += _models(config, stages)
     if problems:
         raise PreflightError(problems)

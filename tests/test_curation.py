@@ -119,6 +119,34 @@ def test_filters_pass_clean_moving_clips(clip, scores):
     assert s["decoded_frames"] == s["expected_frames"] and s["motion"] >= FilterConfig().motion_min
 
 
+@pytest.mark.parametrize("pix_fmt,codec", [("yuv411p", "ffv1"), ("pal8", "png"),
+                                           ("yuv420p10le", "libx264"), ("rgb48be", "png")])
+def test_sources_in_any_pixel_format_are_analysed_and_normalized(tmp_path, pix_fmt, codec):
+    """zimg (the resize) takes planar formats subsampled at most 2x: DV's 4:1:1, a palette,
+    10 bits or 16-bit RGB are converted first: the analysis frames are those of the same
+    source in 8-bit 4:2:0 up to the formats' own chroma and rounding, and the GT clip is made."""
+    from infra.config import NormalizeConfig
+    from infra.gtspec import normalize_file
+    from infra.video import decode_frames
+
+    def source(pix_fmt: str, codec: str) -> Path:
+        src = tmp_path / f"{pix_fmt}.{'mp4' if codec == 'libx264' else 'mkv'}"
+        subprocess.run(["ffmpeg", "-v", "error", "-f", "lavfi", "-i", "testsrc2=s=320x180:r=16:d=5.2",
+                        "-c:v", codec, "-pix_fmt", pix_fmt, "-crf", "0", str(src)], check=True)
+        return src
+
+    src, plain = source(pix_fmt, codec), source("yuv420p", "libx264")
+    info = probe(src)
+    assert info.pix_fmt == pix_fmt
+    frames = decode_frames(str(src), info, 90)
+    want = decode_frames(str(plain), probe(plain), 90)
+    assert frames.shape == want.shape == (84, 90, 160, 3)
+    assert abs(frames.astype(float) - want).mean() < 10  # a full/limited range mix-up: 13
+    spec = normalize_file(str(src), info, NormalizeConfig(short_edge=176), str(tmp_path / "gt.mp4"),
+                          str(tmp_path / "ref.png"))
+    assert (spec["width"], spec["height"], spec["frames"], spec["pix_fmt"]) == (320, 176, 81, "yuv420p")
+
+
 def test_thresholds_decide_without_decoding(scores):
     """Loosening one threshold lets its kind through; the scores stay the same."""
     static = scores["reject_static"]

@@ -82,7 +82,7 @@ def test_a_helper_in_another_module_is_followed(source):
     # filter decodes through infra.video.decode_frames: editing it re-keys filter (and on).
     root, versions = source
     before = versions()
-    _edit(root / "infra/video.py", 'flags="bilinear"', 'flags="bicubic"')
+    _edit(root / "infra/video.py", 'filter="bilinear"', 'filter="bicubic"')
     after = versions()
     assert after["filter"] != before["filter"] and after["acquire"] == before["acquire"]
 

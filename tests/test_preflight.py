@@ -154,3 +154,24 @@ def test_the_cli_stops_before_prefect_and_writes_nothing(toy_dir, tmp_path):
     assert "carry no captions" in text and "train.model" in text, text
     assert "Traceback" not in text and "Beginning flow run" not in text, text
     assert not (tmp_path / "store").exists()
+
+
+def test_an_ffmpeg_without_zscale_is_named_before_the_video_stages(toy_dir, tmp_path, monkeypatch):
+    """The video stages resize with zscale (libzimg): an ffmpeg built without it, or none at
+    all, is one problem naming the binary and the fix; stages that never resize do not care."""
+    import infra.video
+
+    cfg = _toy(toy_dir, tmp_path)
+    fake = tmp_path / "ffmpeg"  # an ffmpeg whose filter list has swscale's scale only
+    fake.write_text("#!/bin/sh\necho 'Filters:'\necho ' ..C scale             V->V       Scale'\n")
+    fake.chmod(0o755)
+    for binary, says in ((str(fake), "has no zscale filter (it is built without libzimg)"),
+                         (str(tmp_path / "nowhere"), "does not run")):
+        monkeypatch.setattr(infra.video, "FFMPEG", binary)
+        infra.video.ffmpeg_problem.cache_clear()
+        try:
+            (problem,) = _problems(cfg, ["filter", "normalize"])
+            assert problem.startswith(f"ffmpeg ({binary!r}) {says}") and "REGDPO_FFMPEG" in problem
+            assert _problems(cfg, ["pairs", "train"]) == []
+        finally:
+            infra.video.ffmpeg_problem.cache_clear()
