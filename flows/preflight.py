@@ -33,8 +33,8 @@ from infra.store import open_url
 from infra.video import ffmpeg_problem
 
 # The stages whose ffmpeg resizes video (infra.video.RESIZE): the analysis frames, the GT
-# clips, and the generated clips brought to a GT clip's spec.
-VIDEO_STAGES = {"filter", "normalize", "negatives", "evaluate", "sample"}
+# clips, the generated clips brought to a GT clip's spec, and the critic's frames.
+VIDEO_STAGES = {"filter", "normalize", "negatives", "evaluate", "sample", "critique", "refine"}
 
 
 class PreflightError(ValueError):
