@@ -486,8 +486,8 @@ def analysis_output(stream, info: VideoInfo, short_edge: int):
 # The resize filter of the analysis frames and the GT clip: zscale (zimg), not swscale's
 # scale. Measured on a 1080p30 benchmark clip, the fused pass's decoder (both resizes) took 1.18
 # instead of 1.73 CPU s, 0.82 instead of 1.14 s wall, and the GT encode waits on that decoder
-# for its first 40 frames (x264's lookahead). ffmpeg needs libzimg (Debian's and Ubuntu's
-# packages have it); flows.preflight says so before a run when it is missing.
+# for its first 40 frames (x264's lookahead). ffmpeg needs libzimg (Debian's package has
+# it); flows.preflight says so before a run when it is missing.
 RESIZE = "zscale"
 # The formats RESIZE takes as they are: planar, chroma subsampled at most 2x (zimg refuses an
 # even output size in 4:1:1 or 4:1:0, e.g. DV's yuv411p).
@@ -506,7 +506,7 @@ def ffmpeg_problem() -> str | None:
                 "or point REGDPO_FFMPEG at one")
     if not any(line.split()[1:2] == [RESIZE] for line in out.stdout.splitlines()):
         return (f"ffmpeg ({FFMPEG!r}) has no {RESIZE} filter (it is built without libzimg): "
-                "install a build with it (Debian's and Ubuntu's ffmpeg packages, Homebrew's) "
+                "install a build with it (Debian's ffmpeg package has it) "
                 "or point REGDPO_FFMPEG at one")
     return None
 
